@@ -1,0 +1,363 @@
+// The per-row mathematics of every loss: one header, compiled unchanged by the C++ compiler
+// (CPU kernels) and by nvcc (CUDA kernels).
+//
+// Everything in here works on ONE row, in double precision, from the row's global statistics
+// (after the tensor-parallel collectives): the row max M and the sums of exp(z/T - M) over the
+// non-teacher columns ("rest"), the distinct teacher columns and the repeated teacher entries,
+// plus the K gathered teacher logits x_k = z_{t_k} / T and the teacher log-probs l_k.
+//
+// Notation (docs/SPEC.md section 3):
+//   log_sum = log(rest + teach)            LSE = M + log_sum
+//   s_k = x_k - M - log_sum                student log-prob of teacher token k
+//   Q = sum_k exp(s_k), P = sum_k exp(l_k) over valid k (id >= 0), unclamped
+//   1 - Q = (rest - dup) / (rest + teach)  computed from the sums, never as 1 - Q, so the
+//                                          student's tail has full relative precision as Q -> 1.
+//
+// Each divergence is a pure function of one bin's (log a, log b) - teacher and student - that
+// returns the bin's value, d value / d log b and d value / d b. The row driver combines the bins
+// per support (topk | renorm | tail) and produces the loss and g_k = dL/ds_k.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define TD_HD __host__ __device__ __forceinline__
+#else
+#define TD_HD inline
+#endif
+
+namespace topk_distill {
+
+enum class Divergence : int32_t { kFKL = 0, kRKL, kJSD, kFKLRKL, kTVD, kSKL, kSRKL };
+enum class Support : int32_t { kTopK = 0, kRenorm, kTail };
+
+// Parameters of one loss call, with the derived constants the bins need.
+struct LossParams {
+  Divergence divergence;
+  Support support;
+  double beta;        // JSD mixture weight of the teacher, strictly inside (0, 1) here
+  double rkl_ratio;   // fkl+rkl
+  double skew;        // skl / srkl lambda
+  bool has_clamp;
+  double clamp;       // log_prob_min_clamp
+  double loss_scale;  // T^2 with t2_scale, else 1
+  double log_beta, log_1m_beta, log_skew, log_1m_skew;
+  double outside_coeff;  // topk support: the loss adds outside_coeff * (1 - Q)
+};
+
+TD_HD double td_inf() { return std::numeric_limits<double>::infinity(); }
+TD_HD double td_nan() { return std::numeric_limits<double>::quiet_NaN(); }
+
+// Builds the derived constants. beta == 0 / beta == 1 turn JSD into FKL / RKL (TRL's
+// generalized_jsd_loss convention); the mixture formula would give 0 there.
+inline LossParams make_loss_params(Divergence d, Support s, double beta, double rkl_ratio,
+                                   double skew, bool has_clamp, double clamp, double loss_scale) {
+  LossParams p{};
+  p.divergence = d;
+  if (d == Divergence::kJSD && beta == 0.0) p.divergence = Divergence::kFKL;
+  if (d == Divergence::kJSD && beta == 1.0) p.divergence = Divergence::kRKL;
+  if (d == Divergence::kFKLRKL && rkl_ratio == 0.0) p.divergence = Divergence::kFKL;
+  if (d == Divergence::kFKLRKL && rkl_ratio == 1.0) p.divergence = Divergence::kRKL;
+  p.support = s;
+  p.beta = beta;
+  p.rkl_ratio = rkl_ratio;
+  p.skew = skew;
+  p.has_clamp = has_clamp;
+  p.clamp = clamp;
+  p.loss_scale = loss_scale;
+  p.log_beta = std::log(beta);
+  p.log_1m_beta = std::log1p(-beta);
+  p.log_skew = std::log(skew);
+  p.log_1m_skew = std::log1p(-skew);
+  // topk support: the student's mass outside the top-k, u = 1 - Q, against a teacher of 0.
+  // The term is linear in u; it is left out where it is infinite (RKL, SRKL with skew 0).
+  switch (p.divergence) {
+    case Divergence::kJSD: p.outside_coeff = -(1.0 - beta) * p.log_1m_beta; break;
+    case Divergence::kTVD: p.outside_coeff = 0.5; break;
+    case Divergence::kSRKL: p.outside_coeff = skew > 0.0 ? -p.log_skew : 0.0; break;
+    default: p.outside_coeff = 0.0; break;
+  }
+  return p;
+}
+
+// log(exp(x) + exp(y)), exact for -inf arguments, NaN in -> NaN out.
+TD_HD double log_add_exp(double x, double y) {
+  if (x != x || y != y) return td_nan();
+  const double hi = x > y ? x : y;
+  const double lo = x > y ? y : x;
+  if (hi == -td_inf()) return -td_inf();
+  if (hi == td_inf()) return td_inf();
+  return hi + std::log1p(std::exp(lo - hi));
+}
+
+// max(v, c) that keeps a NaN v (as torch.clamp_min does), instead of fmax's "the other one".
+TD_HD double clamp_min(double v, double c) { return v < c ? c : v; }
+
+// Streaming log-sum-exp, mergeable across lanes.
+struct LogSumExp {
+  double max = -std::numeric_limits<double>::infinity();
+  double sum = 0.0;
+  TD_HD void add(double x) {
+    if (x != x) { max = x; sum = 1.0; return; }  // NaN is sticky
+    if (x == -td_inf()) return;
+    if (x > max) { sum = sum * std::exp(max - x) + 1.0; max = x; }
+    else sum += std::exp(x - max);
+  }
+  TD_HD void merge(double other_max, double other_sum) {
+    if (other_max != other_max || max != max) { max = td_nan(); sum = 1.0; return; }
+    if (other_max == -td_inf()) return;
+    if (max == -td_inf()) { max = other_max; sum = other_sum; return; }
+    if (other_max > max) { sum = sum * std::exp(max - other_max) + other_sum; max = other_max; }
+    else sum += other_sum * std::exp(other_max - max);
+  }
+  TD_HD double value() const { return max == -td_inf() ? -td_inf() : max + std::log(sum); }
+};
+
+// One bin of a divergence between teacher a and student b, given log a and log b.
+struct Bin {
+  double value;   // the bin's contribution to the loss
+  double d_logb;  // d value / d log b
+  double d_b;     // d value / d b  (the tail bin's b is 1 - Q)
+};
+
+// KL(a||b) bin: a (log a - log b).
+TD_HD Bin fkl_bin(double la, double lb) {
+  const double a = std::exp(la);
+  if (a == 0.0) return {0.0, 0.0, 0.0};
+  return {a * (la - lb), -a, -a / std::exp(lb)};
+}
+
+// KL(b||a) bin: b (log b - log a). A bin with b = 0 contributes nothing, gradient included.
+TD_HD Bin rkl_bin(double la, double lb) {
+  const double b = std::exp(lb);
+  if (b == 0.0) return {0.0, 0.0, 0.0};
+  const double h = lb - la + 1.0;
+  return {b * (lb - la), b * h, h};
+}
+
+// Generalised JSD bin, m = w a + (1 - w) b:  w a log(a/m) + (1 - w) b log(b/m).
+// d/db = (1 - w) log(b/m)  (the other terms cancel).
+TD_HD Bin jsd_bin(double la, double lb, const LossParams& p) {
+  const double w = p.beta;
+  const double a = std::exp(la), b = std::exp(lb);
+  // log(b/m) = -log(w a/b + 1 - w), log(a/m) = -log(w + (1 - w) b/a): bounded, no inf - inf.
+  const double lb_m = (a == 0.0) ? -p.log_1m_beta : -log_add_exp(la - lb + p.log_beta, p.log_1m_beta);
+  const double la_m = (b == 0.0) ? -p.log_beta : -log_add_exp(p.log_beta, lb - la + p.log_1m_beta);
+  const double value = (a == 0.0 ? 0.0 : w * a * la_m) + (b == 0.0 ? 0.0 : (1.0 - w) * b * lb_m);
+  if (b == 0.0) return {value, 0.0, 0.0};
+  const double d_b = (1.0 - w) * lb_m;
+  return {value, b * d_b, d_b};
+}
+
+// Total variation bin: |a - b| / 2, derivative sign(b - a) / 2 with sign(0) = 0 (as autograd).
+TD_HD Bin tvd_bin(double la, double lb) {
+  const double a = std::exp(la), b = std::exp(lb);
+  const double sign = (b > a) ? 1.0 : ((b < a) ? -1.0 : 0.0);
+  return {0.5 * std::fabs(a - b), 0.5 * sign * b, 0.5 * sign};
+}
+
+// Skew KL bin (DistiLLM), m = lambda a + (1 - lambda) b: a log(a/m).
+TD_HD Bin skl_bin(double la, double lb, const LossParams& p) {
+  const double a = std::exp(la);
+  if (a == 0.0) return {0.0, 0.0, 0.0};
+  const double one_m = 1.0 - p.skew;
+  const double la_m = -log_add_exp(p.log_skew, lb - la + p.log_1m_skew);  // log(a/m)
+  const double lb_m = -log_add_exp(la - lb + p.log_skew, p.log_1m_skew);  // log(b/m) <= -log(1-l)
+  // d/db = -(1 - lambda) a / m;  d/dlog b = -(1 - lambda) a b / m
+  return {a * la_m, -one_m * a * std::exp(lb_m), -one_m * std::exp(la_m)};
+}
+
+// Skew reverse KL bin, m = lambda b + (1 - lambda) a: b log(b/m).
+// d/db = log(b/m) + 1 - lambda b / m.
+TD_HD Bin srkl_bin(double la, double lb, const LossParams& p) {
+  const double b = std::exp(lb);
+  if (b == 0.0) return {0.0, 0.0, 0.0};
+  const double lb_m = -log_add_exp(p.log_skew, la - lb + p.log_1m_skew);  // <= -log(lambda)
+  const double d_b = lb_m + 1.0 - (p.skew == 0.0 ? 0.0 : p.skew * std::exp(lb_m));
+  return {b * lb_m, b * d_b, d_b};
+}
+
+TD_HD Bin divergence_bin(double la, double lb, const LossParams& p) {
+  switch (p.divergence) {
+    case Divergence::kFKL: return fkl_bin(la, lb);
+    case Divergence::kRKL: return rkl_bin(la, lb);
+    case Divergence::kJSD: return jsd_bin(la, lb, p);
+    case Divergence::kFKLRKL: {
+      const Bin f = fkl_bin(la, lb), r = rkl_bin(la, lb);
+      const double wr = p.rkl_ratio, wf = 1.0 - p.rkl_ratio;
+      return {wf * f.value + wr * r.value, wf * f.d_logb + wr * r.d_logb, wf * f.d_b + wr * r.d_b};
+    }
+    case Divergence::kTVD: return tvd_bin(la, lb);
+    case Divergence::kSKL: return skl_bin(la, lb, p);
+    case Divergence::kSRKL: return srkl_bin(la, lb, p);
+  }
+  return {td_nan(), td_nan(), td_nan()};
+}
+
+// ---------------------------------------------------------------------------------------------
+// The row driver. `Lanes` says how the K entries of a row are split among threads and how the
+// threads combine partial results: SerialLanes (one CPU thread owns the row) or a CUDA warp.
+// Entries are visited as k = lanes.first(), first() + stride(), ... < K in three passes; the
+// g output row doubles as scratch between passes 2 and 3, so no per-entry state is kept.
+// ---------------------------------------------------------------------------------------------
+
+struct SerialLanes {
+  TD_HD int64_t first() const { return 0; }
+  TD_HD int64_t stride() const { return 1; }
+  TD_HD double sum(double x) const { return x; }
+  TD_HD bool any(bool x) const { return x; }
+  TD_HD LogSumExp merge(LogSumExp x) const { return x; }
+  TD_HD bool leader() const { return true; }
+  TD_HD void sync() const {}
+};
+
+// The global statistics of one row (after the collectives).
+struct RowStats {
+  double row_max;  // M, max of z / T over the full vocab
+  double rest;     // sum of exp(z/T - M) over non-teacher columns
+  double teach;    // ... over distinct valid teacher columns
+  double dup;      // ... over repeated teacher entries
+};
+
+// What the backward needs besides g (all scaled by loss_scale). With u = the student's mass
+// outside the teacher's entries (1 - Q) and d_b = dL/du (the tail / outside bin):
+//   dL/dz_j = [j teacher] sum_{k: t_k = j} g_k - q_j * dense_coef
+//             + q_j * outside_coef * ([j not teacher] - (m_j - 1) [m_j > 1])
+// (m_j: how many valid entries have id j). This keeps the large d_b / u terms out of the
+// teacher columns, where folding them into g_k would cancel catastrophically as Q -> 1.
+struct RowResult {
+  double loss;
+  double student_mass;
+  double teacher_mass;
+  double log_sum;       // LSE = row_max + log_sum
+  double dense_coef;    // sum_k g_k + d_b * u
+  double outside_coef;  // d_b
+};
+
+TD_HD double to_double(double v) { return v; }
+TD_HD double to_double(float v) { return static_cast<double>(v); }
+template <typename T>
+TD_HD double to_double(T v) { return static_cast<double>(static_cast<float>(v)); }
+
+// Computes one row's loss, masses and g_k = dL/ds_k (written to g[k], scaled by loss_scale).
+// x: gathered teacher logits z/T (0 where the id is invalid), ids, lp: teacher log-probs.
+template <class Lanes, typename acc_t, typename id_t, typename lp_t>
+TD_HD RowResult epilogue_row(const Lanes& lanes, const LossParams& p, int64_t K,
+                             const RowStats& st, bool counted, int64_t vocab_size,
+                             const acc_t* x, const id_t* ids, const lp_t* lp, double* g) {
+  RowResult res{0.0, 0.0, 0.0, std::log(st.rest + st.teach), 0.0, 0.0};
+  const int64_t k0 = lanes.first(), dk = lanes.stride();
+  if (!counted) {
+    for (int64_t k = k0; k < K; k += dk) g[k] = 0.0;
+    return res;
+  }
+  // s_k = (x_k - M) - log_sum: subtracting M first keeps x_k - M exact for nearby logits even
+  // when |z| is large (the backward recomputes softmax the same way).
+  const bool clamp = p.has_clamp;
+  const double c = p.clamp;
+
+  // Pass 1: masses, invalid ids, and the renorm normalisers of the (clamped) bins.
+  double Q = 0.0, P = 0.0;
+  bool invalid = false;
+  LogSumExp norm_a, norm_b;
+  for (int64_t k = k0; k < K; k += dk) {
+    const int64_t id = static_cast<int64_t>(ids[k]);
+    if (id < 0) continue;
+    if (id >= vocab_size) { invalid = true; continue; }
+    const double s = (to_double(x[k]) - st.row_max) - res.log_sum;
+    const double l = to_double(lp[k]);
+    Q += std::exp(s);
+    P += std::exp(l);
+    if (p.support == Support::kRenorm) {
+      norm_a.add(clamp ? clamp_min(l, c) : l);
+      norm_b.add(clamp ? clamp_min(s, c) : s);
+    }
+  }
+  Q = lanes.sum(Q);
+  P = lanes.sum(P);
+  invalid = lanes.any(invalid);
+  double log_norm_a = 0.0, log_norm_b = 0.0;
+  if (p.support == Support::kRenorm) {
+    log_norm_a = lanes.merge(norm_a).value();
+    log_norm_b = lanes.merge(norm_b).value();
+  }
+
+  // The row's "outside" bin: the student's mass beyond the valid teacher entries, 1 - Q.
+  // Duplicated ids count once per entry (DECISIONS 8), so 1 - Q can go below 0: the tail
+  // support floors it at 0 like the teacher's (DECISIONS 3), with no gradient through the floor.
+  const double student_tail = (st.rest - st.dup) / (st.rest + st.teach);
+  const bool tail_floored = st.rest - st.dup < 0.0;
+  const double log_student_tail =
+      tail_floored ? -td_inf() : std::log(st.rest - st.dup) - res.log_sum;
+  Bin tail{0.0, 0.0, 0.0};
+  if (p.support == Support::kTail) {
+    const double teacher_tail = 1.0 - P > 0.0 ? 1.0 - P : 0.0;
+    tail = divergence_bin(std::log(teacher_tail), log_student_tail, p);
+    if (tail_floored) tail.d_b = 0.0;
+  } else if (p.support == Support::kTopK) {
+    tail = {p.outside_coeff * student_tail, 0.0, p.outside_coeff};
+  }
+
+  // Pass 2: the K bins' values; g[k] <- d value / d log b_k as scratch.
+  double loss = 0.0, sum_d = 0.0;
+  for (int64_t k = k0; k < K; k += dk) {
+    const int64_t id = static_cast<int64_t>(ids[k]);
+    if (id < 0 || id >= vocab_size) { g[k] = 0.0; continue; }
+    const double s = (to_double(x[k]) - st.row_max) - res.log_sum;
+    const double l = to_double(lp[k]);
+    double la = clamp ? clamp_min(l, c) : l;
+    double lb = clamp ? clamp_min(s, c) : s;
+    if (p.support == Support::kRenorm) { la -= log_norm_a; lb -= log_norm_b; }
+    const Bin bin = divergence_bin(la, lb, p);
+    loss += bin.value;
+    sum_d += bin.d_logb;
+    g[k] = bin.d_logb;
+  }
+  loss = lanes.sum(loss) + tail.value;
+  if (p.support == Support::kRenorm) sum_d = lanes.sum(sum_d);
+  lanes.sync();
+
+  // Pass 3: g_k = the direct part of dL/ds_k. Through the clamp only where s_k >= c. The tail /
+  // outside bin depends on the logits through u = 1 - Q whether or not an entry is clamped; that
+  // part goes to the backward as dense_coef / outside_coef (see RowResult), not into g.
+  // sum_g = sum_k g_k. Under renorm the g'_k = d_k - b_k sum_d of ALL valid bins sum to exactly
+  // 0 (sum_k b_k = 1), so sum_g is minus the sum over the clamped bins: exactly 0 when nothing is
+  // clamped (renorm is then blind to the non-teacher logits) instead of rounding noise on the
+  // scale of the largest d_k, which can be enormous (teacher log-probs of -1e30 under RKL).
+  double sum_g = 0.0, sum_clamped = 0.0;
+  for (int64_t k = k0; k < K; k += dk) {
+    const int64_t id = static_cast<int64_t>(ids[k]);
+    if (id < 0 || id >= vocab_size) continue;
+    const double s = (to_double(x[k]) - st.row_max) - res.log_sum;
+    double gk = g[k];
+    if (p.support == Support::kRenorm) {
+      // log b_j = s'_j - logsumexp(s'): d/ds'_k = d_k - b_k * sum_j d_j
+      const double lb = (clamp ? clamp_min(s, c) : s) - log_norm_b;
+      gk -= std::exp(lb) * sum_d;
+    }
+    if (clamp && s < c) {
+      sum_clamped += gk;
+      gk = 0.0;
+    }
+    sum_g += gk;
+    g[k] = gk * p.loss_scale;
+  }
+  sum_g = p.support == Support::kRenorm ? -lanes.sum(sum_clamped) : lanes.sum(sum_g);
+  // u = 0 with an infinite d_b (FKL tail against a student tail that underflowed): the loss is
+  // inf and inf * 0 makes the row's gradient NaN - reported, not hidden.
+  const double tail_term = tail.d_b != 0.0 ? tail.d_b * student_tail : 0.0;
+  res.dense_coef = (sum_g + tail_term) * p.loss_scale;
+  res.outside_coef = tail.d_b * p.loss_scale;
+
+  res.loss = invalid ? td_nan() : loss * p.loss_scale;
+  // A row whose loss is inf or NaN has no meaningful gradient: all NaN (DECISIONS 15), so the
+  // backward cannot hand out a mix of inf, NaN and finite numbers that looks usable.
+  if (!(res.loss - res.loss == 0.0)) res.dense_coef = td_nan();
+  res.student_mass = Q;
+  res.teacher_mass = P;
+  return res;
+}
+
+}  // namespace topk_distill
