@@ -1,0 +1,37 @@
+"""topk-distill: distillation losses against a top-k teacher, with fused kernels.
+
+    import topk_distill as td
+    out = td.topk_distill_loss(logits, teacher_ids, teacher_logprobs, loss="jsd")
+    out.loss.backward()
+
+See README.md and docs/SPEC.md. The kernels are ``torch.ops.topk_distill.*``.
+"""
+import os as _os
+
+import torch as _torch
+
+
+def _load_kernels():
+    # TOPK_DISTILL_LIBRARY points at a library built another way (e.g. the CMake build).
+    path = _os.environ.get("TOPK_DISTILL_LIBRARY")
+    if path:
+        _torch.ops.load_library(path)
+        return None
+    try:
+        from . import _C
+    except ImportError as e:  # pragma: no cover - a build problem, not a test case
+        raise ImportError(
+            "topk_distill's compiled kernels (topk_distill._C) could not be loaded: " + str(e) +
+            ". Build them with `make build` (or `pip install --no-build-isolation .`).") from e
+    return _C
+
+
+_C = _load_kernels()
+
+from . import ops, parallel, reference  # noqa: E402
+from ._types import TopKDistillOutput  # noqa: E402
+from .losses import TopKDistillLoss, topk_distill_loss  # noqa: E402
+
+__all__ = ["topk_distill_loss", "TopKDistillLoss", "TopKDistillOutput", "reference", "ops",
+           "parallel"]
+__version__ = "0.1.0"
