@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 #if defined(__linux__)
@@ -86,7 +87,7 @@ void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   const size_t bytes = t.numel() * t.element_size();
-  if (bytes < 2 * kHuge) return;
+  if (bytes < 2 * kHuge || std::getenv("TOPK_DISTILL_NO_THP")) return;
   const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t end = (p + bytes) & ~(kHuge - 1);

@@ -1,0 +1,17 @@
+"""The README's runnable example runs as written (keeps the front door true)."""
+import pathlib
+import re
+import runpy
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_readme_example_runs(tmp_path, capsys):
+    text = (ROOT / "README.md").read_text()
+    example = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+    script = tmp_path / "example.py"
+    script.write_text(example)
+    runpy.run_path(str(script), run_name="__main__")
+    printed = capsys.readouterr().out.split()
+    ours, oracle = float(printed[-2]), float(printed[-1])
+    assert abs(ours - oracle) <= 1e-6 * max(1.0, abs(oracle))
