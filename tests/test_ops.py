@@ -132,3 +132,27 @@ def test_forward_allocates_nothing_of_size_n_by_v():
     allocs = [e for e in prof.events() if e.cpu_memory_usage and e.cpu_memory_usage >= big]
     assert not allocs, [e.name for e in allocs]
     del out
+
+
+def test_cpu_gradient_buffer_cache_never_hands_out_a_live_buffer():
+    """backward reuses the most recently *freed* gradient buffer of the same size (a one-slot
+    cache against page-fault cost); a gradient that is still alive is never overwritten."""
+    z, ids, lp = teacher_batch(1024, 2048, 8, seed=28, special_rows=False)
+    z = z.float()
+    ops = torch.ops.topk_distill
+    row_max, sums, gathered = ops.shard_pass(z, ids, 0, 1.0)
+    _, _, _, coefs, g = ops.epilogue(row_max, sums, gathered, ids, lp.float(), None, 2048, "fkl",
+                                     "topk", 0.5, 0.1, 0.1, None, 1.0)
+    ones = torch.ones(1024)
+    first = ops.backward(z, ids, row_max, coefs, g, ones, 0, 1.0)
+    kept = first.clone()
+    second = ops.backward(z, ids, row_max, coefs, g, 2 * ones, 0, 1.0)
+    assert first.data_ptr() != second.data_ptr()
+    assert torch.equal(first, kept)
+    torch.testing.assert_close(second, 2 * kept, rtol=1e-6, atol=0)
+    address = first.data_ptr()
+    del first
+    third = ops.backward(z, ids, row_max, coefs, g, 3 * ones, 0, 1.0)
+    assert third.data_ptr() == address  # the freed buffer came back ...
+    torch.testing.assert_close(third, 3 * kept, rtol=1e-6, atol=0)  # ... fully rewritten
+    torch.testing.assert_close(second, 2 * kept, rtol=1e-6, atol=0)

@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -22,10 +23,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <vector>
+#include <new>
+#include <mutex>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "../ops.h"
 #include "simd.h"
@@ -80,22 +80,62 @@ void dense_row(const scalar_t* z, scalar_t* out, int64_t V, acc_t inv_t, acc_t s
   dense_row_scalar<scalar_t, acc_t>(z, out, V, inv_t, shift_max, shift_log, coef);
 }
 
-// A fresh multi-MB gradient is a fresh mmap; faulting it in 4 KiB pages costs more than the
-// kernel itself (about 35 ms for 64 MB on a 2-core VM vs 4 ms with 2 MiB pages). Ask for
-// transparent huge pages before the first touch; harmless where THP is off or memory is reused.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const size_t bytes = t.numel() * t.element_size();
-  if (bytes < 2 * kHuge || std::getenv("TOPK_DISTILL_NO_THP")) return;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (p + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
+// The gradient buffer. A fresh multi-MB tensor is a fresh mmap, and the kernel zeroing it page
+// by page on first touch costs about as much as the backward itself (64 MB: ~12 ms of faults
+// vs ~8 ms of work on a 2-core VM; transparent huge pages halve that but, with the common
+// defrag=madvise policy, stall for 100+ ms whenever memory must be compacted). A training loop
+// asks for the same size every step, so the most recently freed gradient buffer is kept and
+// handed out again - one idle buffer, as a caching allocator would. Only buffers of 4 MiB to
+// TOPK_DISTILL_CPU_GRAD_CACHE_MB (default 2048; 0 turns the cache off) are cached.
+class GradBufferCache {
+ public:
+  static GradBufferCache& instance() {
+    static GradBufferCache* cache = new GradBufferCache();  // leaked: outlives every tensor
+    return *cache;
+  }
+
+  at::Tensor empty_like_rows(const at::Tensor& logits) {
+    const size_t bytes = static_cast<size_t>(logits.numel()) * logits.element_size();
+    if (bytes < kMinBytes || bytes > max_bytes_) return at::empty(logits.sizes(), logits.options());
+    void* ptr = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (cached_ != nullptr && cached_bytes_ == bytes) {
+        ptr = cached_;
+        cached_ = nullptr;
+      }
+    }
+    if (ptr == nullptr && posix_memalign(&ptr, 64, bytes) != 0) throw std::bad_alloc();
+    return at::from_blob(ptr, logits.sizes(), [bytes](void* p) { instance().release(p, bytes); },
+                         logits.options());
+  }
+
+ private:
+  static constexpr size_t kMinBytes = size_t(4) << 20;
+
+  GradBufferCache() {
+    const char* env = std::getenv("TOPK_DISTILL_CPU_GRAD_CACHE_MB");
+    max_bytes_ = (env != nullptr ? static_cast<size_t>(std::atoll(env)) : size_t(2048)) << 20;
+  }
+
+  void release(void* p, size_t bytes) {
+    void* evicted = p;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (bytes <= max_bytes_) {  // keep the newest buffer, free the one it replaces
+        evicted = cached_;
+        cached_ = p;
+        cached_bytes_ = bytes;
+      }
+    }
+    std::free(evicted);
+  }
+
+  std::mutex mu_;
+  void* cached_ = nullptr;
+  size_t cached_bytes_ = 0;
+  size_t max_bytes_ = 0;
+};
 
 template <typename scalar_t, typename acc_t, typename id_t>
 void backward_kernel(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& row_max,
@@ -190,8 +230,7 @@ at::Tensor backward_cpu(const at::Tensor& logits, const at::Tensor& teacher_ids,
                         const at::Tensor& grad_logprobs, const at::Tensor& grad_rows,
                         int64_t vocab_start, double inv_temperature) {
   check_backward_args(logits, teacher_ids, row_max, row_coefs, grad_logprobs, grad_rows);
-  at::Tensor out = at::empty(logits.sizes(), logits.options());
-  advise_huge_pages(out);
+  at::Tensor out = GradBufferCache::instance().empty_like_rows(logits);
   backward_into(logits, teacher_ids, row_max, row_coefs, grad_logprobs, grad_rows, vocab_start,
                 inv_temperature, out);
   return out;
