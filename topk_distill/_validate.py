@@ -8,13 +8,15 @@ argument. Both code paths call these functions, so they raise identical errors.
 * :func:`validate_tensors` - shapes, dtypes, devices (metadata only, no host sync).
 * :func:`validate_args` - both of the above, returned as one :class:`Args` tuple.
 * :func:`check_data` - the ``check_inputs=True`` data checks: ONE host sync for all of them.
-* :func:`resolve_tp_layout` - tensor-parallel shard layout: one small all-gather + one host sync.
+
+The tensor-parallel shard layout (and its cross-rank N / K / vocab_start checks) lives in ONE place,
+:func:`topk_distill.parallel.resolve_layout`, used by the kernel API and the reference alike.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from typing import List, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -49,17 +51,6 @@ class Shapes(NamedTuple):
     n_rows: int                  # prod(lead_shape)
     local_vocab: int             # V_r = logits.shape[-1]
     k: int                       # teacher_ids.shape[-1]
-
-
-class TPLayout(NamedTuple):
-    """Vocab sharding across a tensor-parallel group (group-local ranks)."""
-
-    rank: int
-    world_size: int
-    vocab_start: int             # this rank's first global column
-    vocab_size: int              # V = sum of all V_r
-    shard_starts: List[int]      # per rank
-    shard_sizes: List[int]       # per rank
 
 
 # ----------------------------------------------------------------------------- scalars
@@ -242,42 +233,3 @@ def check_data(teacher_ids, teacher_logprobs, vocab_size, mask=None) -> None:
         raise ValueError("teacher_logprobs has a NaN entry (log-probs must be <= 0; -inf allowed)")
     if pos_lp:
         raise ValueError("teacher_logprobs has an entry > 0 (log-probs must be <= 0; -inf allowed)")
-
-
-# ----------------------------------------------------------------------------- tensor parallelism
-
-def resolve_tp_layout(tp_group, *, vocab_start, local_vocab, n_rows, k, device) -> TPLayout:
-    """Shard layout of a TP group: one all-gather of 4 ints per rank, one host sync.
-
-    Every rank sees the same gathered table, so every rank raises the same error (no hang):
-      * ranks disagree on N (logits) or K (teacher_ids),
-      * ``vocab_start`` given on some ranks only, or the shards do not tile [0, V).
-    ``vocab_start=None`` on every rank: rank r starts at the sum of lower ranks' V_r.
-    """
-    import torch.distributed as dist
-
-    world = dist.get_world_size(tp_group)
-    rank = dist.get_rank(tp_group)
-    mine = torch.tensor([-1 if vocab_start is None else int(vocab_start), local_vocab, n_rows, k],
-                        dtype=torch.int64, device=device)
-    table = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(table, mine, group=tp_group)
-    starts, sizes, ns, ks = zip(*torch.stack(table).tolist())  # the one host sync
-    if len(set(ns)) != 1:
-        raise ValueError(f"logits: the ranks of tp_group disagree on the number of rows N: {list(ns)}")
-    if len(set(ks)) != 1:
-        raise ValueError(f"teacher_ids: the ranks of tp_group disagree on K: {list(ks)}")
-    given = [s >= 0 for s in starts]
-    if any(given) and not all(given):
-        raise ValueError("vocab_start must be given on every rank of tp_group or on none")
-    if not any(given):
-        starts = [sum(sizes[:r]) for r in range(world)]
-    else:
-        expected = 0
-        for r in sorted(range(world), key=lambda r: starts[r]):
-            if starts[r] != expected:
-                raise ValueError(f"vocab_start: the shards [vocab_start, vocab_start + V_r) of "
-                                 f"tp_group do not tile [0, V) (starts {list(starts)}, "
-                                 f"sizes {list(sizes)})")
-            expected += sizes[r]
-    return TPLayout(rank, world, starts[rank], sum(sizes), list(starts), list(sizes))

@@ -110,10 +110,15 @@ def topk_distill_loss(
         reduction: ``mean`` (over counted rows) | ``sum`` | ``none`` (per row).
         tp_group: process group (or its name) over which the vocab is sharded; ``vocab_start``
             is this rank's first column (default: the sum of the lower ranks' shard widths).
+            Teacher tensors and mask are replicated. Forward: two collectives (all_reduce MAX
+            of [N], all_reduce SUM of [N, 3 + K]); backward: none (docs/TP.md).
         inplace_backward: write the gradient into the logits' storage (they must not be needed
             after the backward; misuse raises autograd's in-place error).
         check_inputs: also check the data (ids < V, teacher log-probs <= 0 and not NaN); costs
-            one host sync on CUDA. ``False`` for CUDA graphs / no syncs.
+            one host sync on CUDA. ``False`` for CUDA graphs / no syncs. With ``tp_group`` it
+            also makes the one collective beyond those two: an all_gather of (N, K, V_r,
+            vocab_start), so that ranks disagreeing on N or K all raise ``ValueError``; with
+            ``False`` the layout is cached after the first call (then exactly two).
 
     Returns:
         ``TopKDistillOutput(loss, student_mass, teacher_mass)``.
@@ -139,7 +144,8 @@ def topk_distill_loss(
     if tp_group is not None:
         group_name = parallel.group_name_of(tp_group)
         start, vocab_size = parallel.vocab_layout(group_name, n, k, v_local, vocab_start,
-                                                  check_inputs=check_inputs)
+                                                  check_inputs=check_inputs,
+                                                  device=logits.device)
     if check_inputs and not torch.compiler.is_compiling():
         _validate.check_data(ids2d, lp2d, vocab_size, mask1d)
 

@@ -1,44 +1,78 @@
-"""Tensor-parallel bookkeeping and collectives (Megatron-style vocab sharding).
+"""Tensor-parallel bookkeeping and collectives (Megatron-style vocab sharding, SPEC section 5).
 
 Rank r of a group of W ranks holds the vocab columns ``[vocab_start, vocab_start + V_r)``
-(Megatron-Core's ``VocabUtility`` vocabulary); teacher tensors are replicated. Per loss call:
+(Megatron-Core's ``VocabUtility`` vocabulary); shards may be uneven; teacher tensors are
+replicated. Per loss call:
 
-* forward - two collectives on [N]- and [N, 3 + K]-sized tensors:
-  ``all_reduce(MAX)`` of the row max, then ``all_reduce(SUM)`` of the packed
+* layout - :func:`resolve_layout`: with ``check_inputs=True`` one small ``all_gather`` of
+  ``(N, K, V_r, vocab_start)`` (4 int64 per rank) and one host sync, so that ranks that disagree
+  on N or K, or whose shards do not tile ``[0, V)``, ALL raise the same ``ValueError`` instead of
+  hanging in a mismatched collective. With ``check_inputs=False`` the layout is cached per
+  ``(group, V_r, vocab_start)``: only the first call on a group gathers it.
+* forward - :func:`combine_shard_stats`, exactly two collectives on [N]- and [N, 3 + K]-sized
+  tensors: ``all_reduce(MAX)`` of the row max, then ``all_reduce(SUM)`` of the packed
   ``[rescaled sums | gathered teacher logits]`` (each teacher logit is non-zero on exactly one
-  rank, so the SUM assembles it exactly). With ``check_inputs=True`` one more small
-  ``all_gather`` of ``(N, K, V_r, vocab_start)`` per rank comes first, so that ranks that
-  disagree on shapes all raise instead of hanging in a mismatched collective.
+  rank, so the SUM assembles it exactly).
 * backward - no communication.
 
+So a call makes 2 collectives with ``check_inputs=False`` (3 on the first call of a group: the
+layout is learned once) and 3 with ``check_inputs=True`` (the SPEC's "at most two" plus the
+small cross-rank shape check that it puts on top). :func:`communication_bytes` gives the sizes.
+
 Collectives go through ``torch.ops._c10d_functional`` with the group's *name*, so the whole
-call stays traceable by ``torch.compile``; they work with NCCL and gloo.
+call stays traceable by ``torch.compile(fullgraph=True)``; they work with NCCL and gloo. Under
+``torch.compile`` the layout is a trace-time constant (see :func:`resolve_layout`), so a
+compiled graph holds exactly the two forward collectives (and no cross-rank shape check).
+
+This module is the one implementation of the layout logic: the kernel-backed API, the fused
+linear API and the pure-PyTorch reference all call :func:`resolve_layout`.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
+    "TPLayout",
     "group_name_of",
+    "resolve_layout",
     "vocab_layout",
+    "clear_layout_cache",
     "combine_shard_stats",
     "communication_bytes",
 ]
 
-# (group name, V_r, vocab_start or -1) -> (vocab_start, global vocab size). The layout of a model
-# does not change between steps; with check_inputs=False it is learned once, then no collective.
-_LAYOUT_CACHE: Dict[Tuple[str, int, int], Tuple[int, int]] = {}
+
+class TPLayout(NamedTuple):
+    """Vocab sharding across a tensor-parallel group (group-local ranks)."""
+
+    rank: int
+    world_size: int
+    vocab_start: int                 # this rank's first global column
+    vocab_size: int                  # V = sum of all V_r
+    shard_starts: Tuple[int, ...]    # per rank
+    shard_sizes: Tuple[int, ...]     # per rank
+
+
+# (group name, V_r, vocab_start or -1) -> TPLayout. The vocab layout of a model does not change
+# between steps; with check_inputs=False it is learned once, then no layout collective.
+_LAYOUT_CACHE: Dict[Tuple[str, int, int], TPLayout] = {}
+
+
+def clear_layout_cache() -> None:
+    """Forget every cached layout (call it on EVERY rank, e.g. after re-creating process groups
+    under the same names, or after changing some rank's shard width)."""
+    _LAYOUT_CACHE.clear()
 
 
 def group_name_of(group: Union[str, "dist.ProcessGroup"]) -> str:
     """The registered name of a process group (accepts the name itself)."""
     if isinstance(group, str):
         return group
-    if isinstance(group, dist.ProcessGroup):
+    if dist.is_available() and isinstance(group, dist.ProcessGroup):
         return group.group_name
     raise TypeError(f"tp_group must be a torch.distributed.ProcessGroup or its name (str); got "
                     f"{type(group).__name__}")
@@ -60,53 +94,129 @@ def _all_gather(t: Tensor, world_size: int, group_name: str) -> Tensor:
     return torch.ops._c10d_functional.wait_tensor(out)
 
 
-def vocab_layout(group_name: str, n: int, k: int, v_local: int, vocab_start: Optional[int], *,
-                 check_inputs: bool) -> Tuple[int, int]:
-    """(this rank's vocab_start, global vocab size V) for a call.
+def _collective_device(pg: "dist.ProcessGroup", device) -> torch.device:
+    """Where the small layout tensor lives: the logits' device when given (the group must
+    support it anyway for the loss's own collectives), else CUDA for NCCL groups, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    if "nccl" in str(dist.get_backend(pg)) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
-    With ``check_inputs`` every rank all-gathers ``(N, K, V_r, vocab_start)`` and every rank
-    raises the same ``ValueError`` when they disagree. Without it the layout is cached per
-    (group, V_r, vocab_start) after one gather.
-    """
-    key = (group_name, int(v_local), -1 if vocab_start is None else int(vocab_start))
-    if not check_inputs and key in _LAYOUT_CACHE:
-        return _LAYOUT_CACHE[key]
-    pg = _resolve(group_name)
-    world, rank = dist.get_world_size(pg), dist.get_rank(pg)
-    device = torch.device("cpu")
-    if dist.get_backend(pg) == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    mine = torch.tensor([n, k, v_local, -1 if vocab_start is None else vocab_start],
-                        dtype=torch.int64, device=device)
-    table = _all_gather(mine, world, group_name).view(world, 4).tolist()
+
+def _layout_from_table(table: Sequence[Sequence[int]], rank: int) -> TPLayout:
+    """The layout from every rank's ``(N, K, V_r, vocab_start or -1)``. Every rank sees the same
+    table, so every rank raises the same error."""
+    world = len(table)
     ns = [row[0] for row in table]
     ks = [row[1] for row in table]
     widths = [row[2] for row in table]
     starts = [row[3] for row in table]
     if len(set(ns)) != 1:
-        raise ValueError(f"tp_group ranks disagree on the number of rows N (rank: N) "
-                         f"{dict(enumerate(ns))}; every rank must pass the same tokens")
+        raise ValueError(f"logits: the ranks of tp_group disagree on the number of rows N "
+                         f"(rank: N) {dict(enumerate(ns))}; every rank must pass the same tokens")
     if len(set(ks)) != 1:
-        raise ValueError(f"tp_group ranks disagree on K, the number of teacher entries per row "
-                         f"(rank: K) {dict(enumerate(ks))}; teacher tensors must be replicated")
-    vocab_size = sum(widths)
-    if all(s < 0 for s in starts):
+        raise ValueError(f"teacher_ids: the ranks of tp_group disagree on K, the number of teacher "
+                         f"entries per row (rank: K) {dict(enumerate(ks))}; teacher tensors must be "
+                         f"replicated")
+    given = [s >= 0 for s in starts]
+    if any(given) and not all(given):
+        raise ValueError(f"vocab_start must be given on every rank of tp_group or on none; got "
+                         f"(rank: vocab_start) "
+                         f"{ {r: (s if s >= 0 else None) for r, s in enumerate(starts)} }")
+    if not any(given):
         starts = [sum(widths[:r]) for r in range(world)]
-    elif any(s < 0 for s in starts):
-        raise ValueError("vocab_start must be given on every rank of tp_group or on none")
     spans = sorted((s, s + w) for s, w in zip(starts, widths))
     if spans[0][0] != 0 or any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
-        raise ValueError(f"vocab_start and the shard widths of tp_group must tile [0, V) "
-                         f"without gaps or overlaps; got (rank: [start, end)) "
+        raise ValueError(f"vocab_start: the shards [vocab_start, vocab_start + V_r) of tp_group "
+                         f"must tile [0, V) without gaps or overlaps; got (rank: [start, end)) "
                          f"{ {r: (s, s + w) for r, (s, w) in enumerate(zip(starts, widths))} }")
-    result = (starts[rank], vocab_size)
-    _LAYOUT_CACHE[key] = result
-    return result
+    return TPLayout(rank, world, starts[rank], sum(widths), tuple(starts), tuple(widths))
+
+
+def _gather_layout(group_name: str, n: int, k: int, v_local: int, start: int,
+                   device) -> TPLayout:
+    """One all_gather of 4 int64 per rank, one host sync; raises ValueError on every rank."""
+    pg = _resolve(group_name)
+    world, rank = dist.get_world_size(pg), dist.get_rank(pg)
+    mine = torch.tensor([n, k, v_local, start], dtype=torch.int64,
+                        device=_collective_device(pg, device))
+    table = _all_gather(mine, world, group_name).view(world, 4).tolist()  # the host sync
+    return _layout_from_table(table, rank)
+
+
+def _traced_layout(group_name: str, v_local: int, start: int) -> tuple:
+    """The layout as a plain tuple, a trace-time constant of torch.compile (resolve_layout):
+    the cached one, else gathered (with N = K = 0 on every rank: not checked) and cached."""
+    key = (group_name, v_local, start)
+    layout = _LAYOUT_CACHE.get(key)
+    if layout is None:
+        layout = _gather_layout(group_name, 0, 0, v_local, start, None)
+        _LAYOUT_CACHE[key] = layout
+    return tuple(layout)
+
+
+try:  # dynamo runs it once while tracing and bakes the result into the graph (guards: the args)
+    _traced_layout_const = torch._dynamo.assume_constant_result(_traced_layout)
+except AttributeError:  # pragma: no cover - very old torch
+    _traced_layout_const = _traced_layout
+
+
+def resolve_layout(group: Union[str, "dist.ProcessGroup"], n: int, k: int, v_local: int,
+                   vocab_start: Optional[int], *, check_inputs: bool = True,
+                   device=None) -> TPLayout:
+    """This call's vocab layout over the group ``group``: this rank's ``vocab_start`` and the
+    global V (plus every rank's shard, for the reference).
+
+    * ``check_inputs=True``: every rank all-gathers ``(N, K, V_r, vocab_start)``; ranks that
+      disagree on N or K, give ``vocab_start`` on some ranks only, or whose shards do not tile
+      ``[0, V)`` all raise the same ``ValueError`` (nobody is left waiting in a collective).
+      The result refreshes the cache.
+    * ``check_inputs=False``: the layout cached for ``(group, V_r, vocab_start)``; gathered (and
+      checked) once on a miss. Every rank must pass the same ``check_inputs`` (it decides whether
+      a collective happens), and a rank's shard width must not change while another's cached
+      layout stays in use (:func:`clear_layout_cache` on every rank when it does).
+    * under ``torch.compile``: a trace-time constant (``torch._dynamo.assume_constant_result``):
+      the cached layout, or on a miss one gathered while tracing (every rank traces the same
+      call). The compiled graph holds no layout collective and no host sync, only the two
+      forward all-reduces - and, like the data checks of ``check_inputs``, no cross-rank N / K
+      check (dynamo may trace N symbolically and cannot hand it to a trace-time function). Make
+      one eager call with ``check_inputs=True`` to validate a new setup.
+
+    ``vocab_start=None`` on every rank: rank r starts at the sum of the lower ranks' V_r.
+    """
+    group_name = group_name_of(group)
+    start = -1 if vocab_start is None else int(vocab_start)
+    v_local = int(v_local)
+    if torch.compiler.is_compiling():
+        # N and K may be symbolic here (dynamic shapes), and dynamo cannot tell: they stay out of
+        # the trace-time constant, so no cross-rank N / K check under compile.
+        return TPLayout(*_traced_layout_const(group_name, v_local, start))
+    key = (group_name, v_local, start)
+    if not check_inputs:
+        cached = _LAYOUT_CACHE.get(key)
+        if cached is not None:
+            return cached
+    layout = _gather_layout(group_name, int(n), int(k), v_local, start, device)
+    _LAYOUT_CACHE[key] = layout
+    return layout
+
+
+def vocab_layout(group_name: str, n: int, k: int, v_local: int, vocab_start: Optional[int], *,
+                 check_inputs: bool, device=None) -> Tuple[int, int]:
+    """``(this rank's vocab_start, global vocab size V)``: :func:`resolve_layout`, short form."""
+    layout = resolve_layout(group_name, n, k, v_local, vocab_start, check_inputs=check_inputs,
+                            device=device)
+    return layout.vocab_start, layout.vocab_size
 
 
 def combine_shard_stats(row_max: Tensor, sums: Tensor, gathered: Tensor,
                         group_name: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """Turns each rank's shard statistics into the global ones (two all-reduces)."""
+    """Each rank's shard statistics -> the global ones, with exactly two all-reduces.
+
+    ``row_max`` [N], ``sums`` [N, 3] (relative to this shard's row max), ``gathered`` [N, K]
+    (teacher logits in this shard, 0 elsewhere), all in the accumulation dtype.
+    """
     global_max = _all_reduce(row_max, "max", group_name)
     # exp(local - global) rescales this shard's sums; a shard whose row is all -inf adds 0.
     scale = torch.where(row_max == float("-inf"), torch.zeros_like(row_max),
@@ -118,16 +228,22 @@ def combine_shard_stats(row_max: Tensor, sums: Tensor, gathered: Tensor,
 
 def communication_bytes(n: int, k: int, world_size: int, *, acc_bytes: int = 4,
                         check_inputs: bool = True) -> Dict[str, int]:
-    """Payload of one forward call per rank (the backward sends nothing).
+    """What each rank contributes to the collectives of one forward call, in bytes (the backward
+    sends nothing).
 
-    Returns the collectives' payload sizes in bytes (what each rank contributes; a ring
-    all-reduce moves about 2 * (W - 1) / W times that over the wire per rank).
+    ``acc_bytes`` is 4 (fp32 / bf16 / fp16 logits) or 8 (fp64 logits). Keys: ``all_reduce_max``
+    (N values), ``all_reduce_sum`` (N * (3 + K) values), with ``check_inputs`` also
+    ``all_gather_check`` (4 int64 = 32 bytes; every rank receives the 32 * W byte table), and
+    ``collectives`` (how many: 2, or 3 with ``check_inputs``). On the wire a ring all-reduce of B
+    bytes moves about 2 * (W - 1) / W * B per rank. With ``check_inputs=False`` the first call on a
+    group also makes the layout gather once (it is then cached). ``world_size`` is accepted for
+    symmetry; no payload depends on it.
     """
     out = {
         "all_reduce_max": n * acc_bytes,
         "all_reduce_sum": n * (3 + k) * acc_bytes,
     }
     if check_inputs:
-        out["all_gather_check"] = 4 * 8 * world_size
+        out["all_gather_check"] = 4 * 8
     out["collectives"] = len(out)
     return out

@@ -20,7 +20,8 @@ import math
 import torch
 
 from ._types import TopKDistillOutput
-from ._validate import Options, check_data, resolve_tp_layout, validate_args
+from ._validate import Options, check_data, validate_args
+from .parallel import resolve_layout
 
 __all__ = ["topk_distill_loss"]
 
@@ -167,13 +168,17 @@ def _log_student_tail(logq: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor
     is_teacher[rows[valid], ids[valid]] = True  # all-True writes: duplicates are harmless
     complement = _masked_logsumexp(logq, ~is_teacher)
 
-    srt = torch.where(valid, ids, -1).sort(-1).values
-    dup = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(-1)
-    direct = dup | ~valid.any(-1)
-    Q = torch.where(valid, torch.exp(torch.where(valid, s, _NEG_INF)), 0.0).sum(-1)
-    # Duplicates can push Q past 1: floored at 0 like the teacher's tail (DECISIONS 3, 8).
-    one_minus_q = torch.where(direct, (1.0 - Q).clamp_min(0.0), 1.0)  # unused branch: log(1)
-    return torch.where(direct, torch.log(one_minus_q), complement)
+    # With duplicates, 1 - Q = (non-teacher mass) - (mass of the 2nd, 3rd... copies): still no
+    # "1 - Q" cancellation. Duplicates can push it below 0: floored like the teacher's (DECISIONS
+    # 3, 8). A row with no valid id has complement = log 1 = 0 already.
+    srt, order = torch.where(valid, ids, -1).sort(dim=-1, stable=True)
+    repeat = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
+    dup = repeat.any(-1)
+    s_sorted = s.gather(-1, order)[:, 1:]
+    dup_mass = torch.where(repeat, torch.exp(torch.where(repeat, s_sorted, _NEG_INF)), 0.0).sum(-1)
+    with_dup = (torch.exp(torch.where(dup, complement, 0.0)) - dup_mass).clamp_min(0.0)
+    with_dup = torch.where(dup, with_dup, 1.0)  # unused branch: log(1) (finite gradient)
+    return torch.where(dup, torch.log(with_dup), complement)
 
 
 class _NaNGradWhereNotFinite(torch.autograd.Function):
@@ -189,7 +194,8 @@ class _NaNGradWhereNotFinite(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (bad,) = ctx.saved_tensors
-        return grad.masked_fill(bad, float("nan"))
+        # A row that receives no gradient (masked, or left out by the caller) stays at 0.
+        return grad.masked_fill(bad & (grad != 0), float("nan"))
 
 
 # ----------------------------------------------------------------------------- tensor parallelism
@@ -248,8 +254,9 @@ def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", supp
         if isinstance(tp_group, str):  # a group's registered name, as the kernel-backed API allows
             from torch.distributed.distributed_c10d import _resolve_process_group
             tp_group = _resolve_process_group(tp_group)
-        layout = resolve_tp_layout(tp_group, vocab_start=vocab_start, local_vocab=args.local_vocab,
-                                   n_rows=n, k=k, device=logits.device)
+        # Always checked (the oracle makes no shortcut): one all_gather of (N, K, V_r, start).
+        layout = resolve_layout(tp_group, n, k, args.local_vocab, vocab_start, check_inputs=True,
+                                device=logits.device)
         z = _GatherVocabShards.apply(z, layout, tp_group)
     vocab = z.shape[-1]
     if opts.check_inputs:
@@ -273,6 +280,10 @@ def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", supp
         rows = rows * opts.temperature ** 2
     rows = torch.where(counted, rows, 0.0)  # masked rows: loss 0, gradient 0 (DECISIONS 10)
     rows = rows + torch.where(bad_row & counted, float("nan"), 0.0)
+    # 0 * sum(z): no value change for finite logits, but every row's loss now has a path to
+    # every logit of its row, so the NaN of a non-finite row reaches all of them even where the
+    # inf/NaN came out of a branch that does not depend on the logits.
+    rows = rows + 0.0 * torch.where(counted.unsqueeze(-1), z, 0.0).sum(-1)
     rows = _NaNGradWhereNotFinite.apply(rows)
 
     with torch.no_grad():

@@ -1,0 +1,15 @@
+"""Entry points that fill ``tp_group`` and ``vocab_start`` from a framework's own bookkeeping.
+
+* :func:`megatron_topk_distill_loss` - Megatron-Core: the tensor-model-parallel group of
+  ``megatron.core.parallel_state`` and the vocab range of ``VocabUtility`` (megatron-core is
+  imported only when the function is called).
+* :func:`dtensor_topk_distill_loss` - a ``DTensor`` of logits sharded ``Shard(-1)`` over a 1-D
+  device mesh, or over the tensor-parallel dimension of a larger mesh.
+
+Both call :func:`topk_distill.topk_distill_loss` with ``tp_group`` set (docs/TP.md).
+"""
+from .dtensor import dtensor_topk_distill_loss
+from .megatron import MegatronTopKDistillLoss, megatron_tp_layout, megatron_topk_distill_loss
+
+__all__ = ["dtensor_topk_distill_loss", "megatron_topk_distill_loss", "megatron_tp_layout",
+           "MegatronTopKDistillLoss"]
