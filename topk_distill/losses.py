@@ -10,7 +10,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import _validate, ops, parallel
+from . import _nvtx, _validate, ops, parallel
 from ._types import TopKDistillOutput
 
 __all__ = ["topk_distill_loss", "TopKDistillLoss", "TopKDistillOutput"]
@@ -27,14 +27,19 @@ class _TopKDistillFunction(torch.autograd.Function):
     def forward(ctx, logits, teacher_ids, teacher_logprobs, mask, group_name, vocab_start,
                 vocab_size, inv_temperature, loss, support, beta, rkl_ratio, skew,
                 log_prob_min_clamp, loss_scale, inplace_backward):
-        row_max, sums, gathered = ops.shard_pass(logits, teacher_ids, vocab_start,
-                                                 inv_temperature)
+        # Profiler ranges topk_distill/<phase> only with TOPK_DISTILL_NVTX=1 (_nvtx.py): when
+        # off, nvtx_range is a shared no-op context.
+        with _nvtx.nvtx_range("shard_pass"):
+            row_max, sums, gathered = ops.shard_pass(logits, teacher_ids, vocab_start,
+                                                     inv_temperature)
         if group_name is not None:
-            row_max, sums, gathered = parallel.combine_shard_stats(row_max, sums, gathered,
-                                                                   group_name)
-        loss_rows, student_mass, teacher_mass, row_coefs, grad_logprobs = ops.epilogue(
-            row_max, sums, gathered, teacher_ids, teacher_logprobs, mask, vocab_size, loss,
-            support, beta, rkl_ratio, skew, log_prob_min_clamp, loss_scale)
+            with _nvtx.nvtx_range("collectives"):
+                row_max, sums, gathered = parallel.combine_shard_stats(row_max, sums, gathered,
+                                                                       group_name)
+        with _nvtx.nvtx_range("epilogue"):
+            loss_rows, student_mass, teacher_mass, row_coefs, grad_logprobs = ops.epilogue(
+                row_max, sums, gathered, teacher_ids, teacher_logprobs, mask, vocab_size, loss,
+                support, beta, rkl_ratio, skew, log_prob_min_clamp, loss_scale)
         ctx.save_for_backward(logits, teacher_ids, row_max, row_coefs, grad_logprobs)
         ctx.vocab_start = vocab_start
         ctx.inv_temperature = inv_temperature
@@ -46,18 +51,19 @@ class _TopKDistillFunction(torch.autograd.Function):
     def backward(ctx, grad_loss_rows, _grad_student_mass, _grad_teacher_mass):
         logits, teacher_ids, row_max, row_coefs, grad_logprobs = ctx.saved_tensors
         grad_rows = grad_loss_rows.to(row_max.dtype).contiguous()
-        if ctx.inplace_backward:
-            ops.backward_(logits, teacher_ids, row_max, row_coefs, grad_logprobs, grad_rows,
-                          ctx.vocab_start, ctx.inv_temperature)
-            # A C++ op's Tensor(a!) write does not bump the version counter by itself: do it,
-            # so that any other node that saved these logits raises autograd's "modified by an
-            # inplace operation" error instead of silently reading a gradient.
-            if not torch.compiler.is_compiling():
-                torch.autograd.graph.increment_version(logits)
-            grad_logits = logits
-        else:
-            grad_logits = ops.backward(logits, teacher_ids, row_max, row_coefs, grad_logprobs,
-                                       grad_rows, ctx.vocab_start, ctx.inv_temperature)
+        with _nvtx.nvtx_range("backward"):
+            if ctx.inplace_backward:
+                ops.backward_(logits, teacher_ids, row_max, row_coefs, grad_logprobs, grad_rows,
+                              ctx.vocab_start, ctx.inv_temperature)
+                # A C++ op's Tensor(a!) write does not bump the version counter by itself: do it,
+                # so that any other node that saved these logits raises autograd's "modified by an
+                # inplace operation" error instead of silently reading a gradient.
+                if not torch.compiler.is_compiling():
+                    torch.autograd.graph.increment_version(logits)
+                grad_logits = logits
+            else:
+                grad_logits = ops.backward(logits, teacher_ids, row_max, row_coefs, grad_logprobs,
+                                           grad_rows, ctx.vocab_start, ctx.inv_temperature)
         return (grad_logits,) + (None,) * 15
 
 
