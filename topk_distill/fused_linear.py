@@ -1,0 +1,410 @@
+"""Fused linear + top-k distillation: the loss of ``hidden @ weight.T (+ bias)`` without ever
+materialising the ``[N, V_r]`` logits (the LM head and the loss in one autograd Function).
+
+As in Liger-Kernel's fused linear cross entropy, the rows are processed in chunks during the
+FORWARD; for each chunk of ``C`` rows:
+
+1. ``logits = hidden_chunk @ weight.T (+ bias)``  - one GEMM into a reused ``[C, V_r]`` buffer,
+   in the hidden's dtype;
+2. ``shard_pass`` (kernel), the TP collectives (``parallel.combine_shard_stats``, only with a
+   ``tp_group``), ``epilogue`` (kernel): per-row loss, masses, ``g = dL/ds``;
+3. ``backward_`` (kernel) overwrites the buffer with ``dL/dlogits`` for the reduction's per-row
+   weight (1 for ``sum``, ``1 / count`` for ``mean``);
+4. ``grad_hidden[chunk] = grad_logits @ weight``, ``grad_weight += grad_logits.T @ hidden_chunk``,
+   ``grad_bias += grad_logits.sum(0)`` - each GEMM skipped when its input needs no gradient.
+
+The backward then only multiplies the stored gradients by the incoming scalar ``grad_output``.
+Peak extra memory: ``C * V_r`` logits + O(N * K) + the gradients of hidden / weight / bias,
+independent of N. See docs/FUSED_LINEAR.md for the chunk-size rule and the measured numbers.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import _validate, ops, parallel
+from ._types import TopKDistillOutput
+
+__all__ = ["fused_linear_topk_distill_loss", "FusedLinearTopKDistillLoss", "auto_chunk_size"]
+
+# Auto chunk size: the [C, V_r] logits buffer gets this many bytes (see auto_chunk_size).
+CPU_CHUNK_BYTES = 128 << 20
+CUDA_MIN_CHUNK_BYTES = 64 << 20
+CUDA_MAX_CHUNK_BYTES = 1 << 30
+_ROW_MULTIPLE = 64  # chunks of >= 64 rows are rounded down to a multiple of 64 (GEMM tiles)
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def auto_chunk_size(n_rows: int, local_vocab: int, dtype: torch.dtype,
+                    device: torch.device) -> int:
+    """Rows per chunk when ``chunk_size=None``: the ``[C, V_r]`` logits buffer gets a byte budget
+    of 128 MiB on CPU; on CUDA a quarter of the free memory (the driver's free memory plus what
+    torch's caching allocator holds unused), clamped to [64 MiB, 1 GiB]. C = budget // (V_r *
+    itemsize), at least 1, rounded down to a multiple of 64 when >= 64, at most N (and >= 1)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget = min(CUDA_MAX_CHUNK_BYTES, max(CUDA_MIN_CHUNK_BYTES, free // 4))
+    else:
+        budget = CPU_CHUNK_BYTES
+    rows = max(1, budget // max(1, local_vocab * itemsize))
+    if rows >= _ROW_MULTIPLE:
+        rows -= rows % _ROW_MULTIPLE
+    return int(max(1, min(rows, n_rows)))
+
+
+# ----------------------------------------------------------------------------- checks
+
+_RENAMES = (("the logits hold the whole vocab", "weight holds the whole vocab"),
+            ("logits", "hidden"))
+
+
+def _validate_tensors(hidden, weight, bias, teacher_ids, teacher_logprobs, mask, tp_group,
+                      vocab_start) -> Tuple[Tuple[int, ...], int, int, int]:
+    """(lead_shape, N, V_r, K); errors name hidden / weight / bias / teacher_* / mask."""
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dtype not in _validate.FLOAT_DTYPES:
+            raise TypeError(f"{name} must have dtype in "
+                            f"{[str(d) for d in _validate.FLOAT_DTYPES]}; got {t.dtype}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape [..., H]; got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be this rank's vocab shard [V_r, H]; got shape "
+                         f"{list(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape [V_r, H] with H = hidden.shape[-1] = "
+                         f"{hidden.shape[-1]}; got {list(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have a non-empty vocab dimension; got V_r = 0")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}); got "
+                        f"{weight.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}; all "
+                         f"tensors must be on the same device")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be None or a torch.Tensor; got {type(bias).__name__}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [V_r] = [{weight.shape[0]}]; got "
+                             f"{list(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}); got "
+                            f"{bias.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}; all "
+                             f"tensors must be on the same device")
+    # The teacher / mask / vocab_start checks are those of topk_distill_loss, run on a
+    # zero-memory stand-in for the logits [..., V_r]; their messages then name hidden.
+    proxy = hidden.new_empty(()).expand(*hidden.shape[:-1], weight.shape[0])
+    try:
+        shapes = _validate.validate_tensors(proxy, teacher_ids, teacher_logprobs, mask,
+                                            tp_group=tp_group, vocab_start=vocab_start)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        for a, b in _RENAMES:
+            msg = msg.replace(a, b)
+        raise type(e)(msg) from None
+    return shapes.lead_shape, shapes.n_rows, shapes.local_vocab, shapes.k
+
+
+def _validate_chunk_size(chunk_size):
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        raise TypeError(f"chunk_size must be None or an int; got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (rows per chunk); got {chunk_size}")
+    return int(chunk_size)
+
+
+def _agree_on_chunk_size(group_name: str, requested: Optional[int], local_auto: int,
+                         device: torch.device) -> int:
+    """Every rank must cut the rows at the same places (the collectives run per chunk). One
+    all-gather of two ints (on the hidden's device, which the group serves anyway for the loss's
+    own collectives): requested sizes must match; automatic ones take the group's minimum."""
+    world = dist.get_world_size(parallel._resolve(group_name))
+    mine = torch.tensor([-1 if requested is None else requested, local_auto], dtype=torch.int64,
+                        device=device)
+    out = torch.ops._c10d_functional.all_gather_into_tensor(mine, world, group_name)
+    table = torch.ops._c10d_functional.wait_tensor(out).view(world, 2).tolist()
+    req = [r[0] for r in table]
+    if len(set(req)) != 1:
+        raise ValueError(f"chunk_size must be the same on every rank of tp_group (None "
+                         f"everywhere or one int); got (rank: chunk_size) "
+                         f"{ {r: (None if c < 0 else c) for r, c in enumerate(req)} }")
+    return req[0] if req[0] > 0 else min(r[1] for r in table)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class _FusedLinearTopKDistill(torch.autograd.Function):
+    """(hidden [N, H], weight [V_r, H], bias [V_r] | None) -> (reduced loss, student_mass [N],
+    teacher_mass [N]). The gradients are computed in the forward and kept until the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, teacher_ids, teacher_logprobs, mask, count, cfg):
+        n, h = hidden.shape
+        v_r = weight.shape[0]
+        acc = ops.acc_dtype(hidden.dtype)
+        need_h, need_w, need_b = cfg["needs"]
+        need_any = need_h or need_w or need_b
+        chunk = cfg["chunk_size"]
+        group_name = cfg["group_name"]
+        start, vocab_size = cfg["vocab_start"], cfg["vocab_size"]
+        inv_t = cfg["inv_temperature"]
+
+        loss_rows = torch.empty(n, dtype=acc, device=hidden.device)
+        student_mass = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        teacher_mass = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_weight = grad_weight_acc = partial_w = None
+        if need_w:
+            if cfg["weight_grad_fp32"] and weight.dtype in _LOW_PRECISION:
+                grad_weight_acc = torch.zeros(weight.shape, dtype=torch.float32,
+                                              device=weight.device)
+                partial_w = torch.empty_like(weight)
+            else:  # the first chunk writes it (out=), later ones accumulate; zeros when N = 0
+                grad_weight = torch.empty_like(weight) if n > 0 else torch.zeros_like(weight)
+        grad_bias_acc = (torch.zeros(v_r, dtype=ops.acc_dtype(bias.dtype), device=bias.device)
+                         if need_b else None)
+        if need_any:
+            # The reduction's per-row weight: 1 (sum) or 1 / max(count, 1) (mean). A tensor, so
+            # a mask's count never needs a host sync.
+            grad_rows = torch.ones(min(chunk, n), dtype=acc, device=hidden.device)
+            if cfg["reduction"] == "mean":
+                grad_rows = grad_rows / count.to(acc)
+
+        buf = hidden.new_empty((min(chunk, n), v_r))  # reused: no allocator traffic per chunk
+        weight_t = weight.t()
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            rows = e - s
+            h_c = hidden[s:e]
+            z = buf[:rows]
+            if bias is None:
+                torch.mm(h_c, weight_t, out=z)
+            else:
+                torch.addmm(bias, h_c, weight_t, out=z)
+            ids_c = teacher_ids[s:e]
+            row_max, sums, gathered = ops.shard_pass(z, ids_c, start, inv_t)
+            if group_name is not None:
+                row_max, sums, gathered = parallel.combine_shard_stats(row_max, sums, gathered,
+                                                                       group_name)
+            l_c, sm_c, tm_c, row_coefs, grad_logprobs = ops.epilogue(
+                row_max, sums, gathered, ids_c, teacher_logprobs[s:e],
+                None if mask is None else mask[s:e], vocab_size, cfg["loss"], cfg["support"],
+                cfg["beta"], cfg["rkl_ratio"], cfg["skew"], cfg["log_prob_min_clamp"],
+                cfg["loss_scale"])
+            loss_rows[s:e] = l_c
+            student_mass[s:e] = sm_c
+            teacher_mass[s:e] = tm_c
+            if not need_any:
+                continue
+            # dL/dlogits of the chunk, written over its logits (they are not needed any more).
+            ops.backward_(z, ids_c, row_max, row_coefs, grad_logprobs, grad_rows[:rows], start,
+                          inv_t)
+            if need_h:
+                torch.mm(z, weight, out=grad_hidden[s:e])
+            if need_w:
+                if grad_weight_acc is not None:
+                    torch.mm(z.t(), h_c, out=partial_w)
+                    grad_weight_acc.add_(partial_w)
+                elif s == 0:
+                    torch.mm(z.t(), h_c, out=grad_weight)
+                else:
+                    grad_weight.addmm_(z.t(), h_c)
+            if need_b:
+                grad_bias_acc.add_(z.sum(0, dtype=grad_bias_acc.dtype))
+        del buf, partial_w
+
+        if grad_weight_acc is not None:
+            grad_weight = grad_weight_acc.to(weight.dtype)
+            del grad_weight_acc
+        if cfg["reduction"] == "sum":
+            out = loss_rows.sum()
+        else:
+            out = loss_rows.sum() / count.to(acc)
+        ctx.grads = [grad_hidden, grad_weight,
+                     None if grad_bias_acc is None else grad_bias_acc.to(bias.dtype)]
+        ctx.mark_non_differentiable(student_mass, teacher_mass)
+        return out, student_mass, teacher_mass
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_student_mass, _grad_teacher_mass):
+        if ctx.grads is None:
+            raise RuntimeError(
+                "fused_linear_topk_distill_loss: its backward can run only once (the gradients "
+                "are computed in the forward and handed over in the first backward; "
+                "retain_graph=True with a second backward is not supported)")
+        grads, ctx.grads = ctx.grads, None  # dropped here so autograd can steal, not copy, them
+        out = []
+        for g in grads:  # (a 0-d grad_out keeps g's dtype)
+            if g is not None:
+                g.mul_(grad_out)  # in place: no second copy of grad_weight
+            out.append(g)
+        grads = None
+        return (*out, None, None, None, None, None)
+
+
+# ----------------------------------------------------------------------------- API
+
+def fused_linear_topk_distill_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    loss: str = "fkl",
+    support: str = "topk",
+    beta: float = 0.5,
+    rkl_ratio: float = 0.1,
+    skew: float = 0.1,
+    temperature: float = 1.0,
+    t2_scale: bool = False,
+    log_prob_min_clamp: Optional[float] = None,
+    mask: Optional[Tensor] = None,
+    reduction: str = "mean",
+    tp_group: Union[None, str, "dist.ProcessGroup"] = None,
+    vocab_start: Optional[int] = None,
+    check_inputs: bool = True,
+    weight_grad_fp32: bool = False,
+) -> TopKDistillOutput:
+    """``topk_distill_loss(hidden @ weight.T + bias, ...)`` without the ``[N, V_r]`` logits.
+
+    Args:
+        hidden: ``[..., H]`` the LM head's input (fp32, bf16, fp16, or fp64 on CPU).
+        weight: ``[V_r, H]`` the LM head's weight - this rank's vocab shard under TP - in the
+            hidden's dtype. ``bias``: optional ``[V_r]``.
+        teacher_ids, teacher_logprobs, mask, loss, support, beta, rkl_ratio, skew, temperature,
+        t2_scale, log_prob_min_clamp, tp_group, vocab_start, check_inputs: as in
+            :func:`topk_distill.topk_distill_loss`.
+        reduction: ``mean`` | ``sum``. ``none`` is not supported: the gradients are formed in the
+            forward with each row's weight in the reduction, which must be known then.
+        chunk_size: rows per chunk (peak memory ~ chunk_size * V_r logits); ``None`` picks it
+            with :func:`auto_chunk_size`. Under TP every rank must pass the same value.
+        weight_grad_fp32: for bf16 / fp16 weights, accumulate ``grad_weight`` over the chunks in
+            an fp32 buffer (+4 bytes per weight element, during the forward) instead of in the
+            weight's dtype. fp32 / fp64 weights always accumulate in their own dtype.
+
+    The gradient w.r.t. ``hidden`` under TP is this rank's partial ``grad_logits_r @ weight_r``;
+    the sum over the ranks is the full one. Reduce it as Megatron's ColumnParallelLinear does
+    (``copy_to_tensor_model_parallel_region`` before the call, or the sequence-parallel gather).
+
+    Returns:
+        ``TopKDistillOutput(loss, student_mass, teacher_mass)``; masses have hidden's leading
+        shape.
+    """
+    opts = _validate.validate_options(loss=loss, support=support, beta=beta, rkl_ratio=rkl_ratio,
+                                      skew=skew, temperature=temperature, t2_scale=t2_scale,
+                                      log_prob_min_clamp=log_prob_min_clamp, reduction=reduction,
+                                      check_inputs=check_inputs)
+    if opts.reduction == "none":
+        raise ValueError("reduction='none' is not supported by fused_linear_topk_distill_loss "
+                         "(its gradients are formed in the forward from each row's weight in "
+                         "the reduction); use 'mean' or 'sum', or topk_distill_loss on the "
+                         "logits for per-row losses")
+    if not isinstance(weight_grad_fp32, bool):
+        raise TypeError(f"weight_grad_fp32 must be a bool; got {type(weight_grad_fp32).__name__}")
+    chunk_size = _validate_chunk_size(chunk_size)
+    lead_shape, n, v_local, k = _validate_tensors(hidden, weight, bias, teacher_ids,
+                                                  teacher_logprobs, mask, tp_group, vocab_start)
+
+    hidden2d = hidden.reshape(n, hidden.shape[-1])
+    if not hidden2d.is_contiguous():
+        hidden2d = hidden2d.contiguous()
+    ids2d = teacher_ids.reshape(n, k).contiguous()
+    lp2d = teacher_logprobs.detach().reshape(n, k).contiguous()
+    mask1d = None if mask is None else mask.reshape(n).contiguous()
+
+    group_name = None
+    start, vocab_size = 0, v_local
+    if tp_group is not None:
+        group_name = parallel.group_name_of(tp_group)
+        try:
+            start, vocab_size = parallel.vocab_layout(group_name, n, k, v_local, vocab_start,
+                                                      check_inputs=check_inputs,
+                                                      device=hidden.device)
+        except ValueError as e:  # the layout check says "logits"; here the rows are hidden's
+            raise ValueError(str(e).replace("logits", "hidden")) from None
+    if check_inputs and not torch.compiler.is_compiling():
+        _validate.check_data(ids2d, lp2d, vocab_size, mask1d)
+
+    if chunk_size is None or group_name is not None:
+        local_auto = auto_chunk_size(max(n, 1), v_local, hidden.dtype, hidden.device)
+        if group_name is not None and (chunk_size is None or check_inputs):
+            chunk_size = _agree_on_chunk_size(group_name, chunk_size, local_auto, hidden.device)
+        elif chunk_size is None:
+            chunk_size = local_auto
+    chunk_size = max(1, min(chunk_size, max(n, 1)))
+
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+             grad_on and bias is not None and bias.requires_grad)
+    count = None
+    if opts.reduction == "mean":
+        count = (torch.tensor(max(n, 1), device=hidden.device) if mask1d is None
+                 else mask1d.sum().clamp_min(1))
+    cfg = dict(
+        needs=needs, chunk_size=chunk_size, group_name=group_name, vocab_start=start,
+        vocab_size=vocab_size, inv_temperature=1.0 / opts.temperature, loss=opts.loss,
+        support=opts.support, beta=opts.beta, rkl_ratio=opts.rkl_ratio, skew=opts.skew,
+        log_prob_min_clamp=opts.log_prob_min_clamp,
+        loss_scale=opts.temperature ** 2 if opts.t2_scale else 1.0, reduction=opts.reduction,
+        weight_grad_fp32=weight_grad_fp32)
+    out, student_mass, teacher_mass = _FusedLinearTopKDistill.apply(
+        hidden2d, weight, bias, ids2d, lp2d, mask1d, count, cfg)
+    return TopKDistillOutput(out, student_mass.view(lead_shape), teacher_mass.view(lead_shape))
+
+
+class FusedLinearTopKDistillLoss(nn.Module):
+    """``nn.Module`` form of :func:`fused_linear_topk_distill_loss`; keywords fixed at
+    construction, the LM head's weight (and bias) passed per call, as in Liger-Kernel.
+
+    ``crit = FusedLinearTopKDistillLoss(loss="jsd", beta=0.5, chunk_size=1024)``
+    ``out = crit(hidden, lm_head.weight, teacher_ids, teacher_logprobs, mask=mask)``
+    """
+
+    def __init__(self, *, chunk_size: Optional[int] = None, loss: str = "fkl",
+                 support: str = "topk", beta: float = 0.5, rkl_ratio: float = 0.1,
+                 skew: float = 0.1, temperature: float = 1.0, t2_scale: bool = False,
+                 log_prob_min_clamp: Optional[float] = None, reduction: str = "mean",
+                 tp_group=None, vocab_start: Optional[int] = None, check_inputs: bool = True,
+                 weight_grad_fp32: bool = False):
+        super().__init__()
+        self.kwargs = dict(chunk_size=chunk_size, loss=loss, support=support, beta=beta,
+                           rkl_ratio=rkl_ratio, skew=skew, temperature=temperature,
+                           t2_scale=t2_scale, log_prob_min_clamp=log_prob_min_clamp,
+                           reduction=reduction, tp_group=tp_group, vocab_start=vocab_start,
+                           check_inputs=check_inputs, weight_grad_fp32=weight_grad_fp32)
+        # Fail at construction, not at the first step.
+        _validate.validate_options(loss=loss, support=support, beta=beta, rkl_ratio=rkl_ratio,
+                                   skew=skew, temperature=temperature, t2_scale=t2_scale,
+                                   log_prob_min_clamp=log_prob_min_clamp, reduction=reduction,
+                                   check_inputs=check_inputs)
+        if reduction == "none":
+            raise ValueError("reduction='none' is not supported by FusedLinearTopKDistillLoss; "
+                             "use 'mean' or 'sum'")
+        _validate_chunk_size(chunk_size)
+        if not isinstance(weight_grad_fp32, bool):
+            raise TypeError(f"weight_grad_fp32 must be a bool; got "
+                            f"{type(weight_grad_fp32).__name__}")
+
+    def forward(self, hidden: Tensor, weight: Tensor, teacher_ids: Tensor,
+                teacher_logprobs: Tensor, bias: Optional[Tensor] = None,
+                mask: Optional[Tensor] = None) -> TopKDistillOutput:
+        return fused_linear_topk_distill_loss(hidden, weight, teacher_ids, teacher_logprobs,
+                                              bias=bias, mask=mask, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if k != "tp_group")
