@@ -15,3 +15,15 @@ def test_readme_example_runs(tmp_path, capsys):
     printed = capsys.readouterr().out.split()
     ours, oracle = float(printed[-2]), float(printed[-1])
     assert abs(ours - oracle) <= 1e-6 * max(1.0, abs(oracle))
+
+
+def test_readme_fused_linear_example_runs(tmp_path, capsys):
+    text = (ROOT / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S)
+              if "fused_linear_topk_distill_loss(hidden" in b]
+    assert blocks, "the README's fused-linear example is missing"
+    script = tmp_path / "fused_example.py"
+    script.write_text(blocks[0])
+    runpy.run_path(str(script), run_name="__main__")
+    fused, unfused = map(float, capsys.readouterr().out.split()[-2:])
+    assert abs(fused - unfused) <= 1e-5 * max(1.0, abs(unfused))
