@@ -52,21 +52,20 @@ void dense_row_scalar(const scalar_t* z, scalar_t* out, int64_t V, acc_t inv_t, 
 }
 
 #if TD_HAVE_X86
-template <typename scalar_t>
-TD_AVX_TARGET void dense_row_avx(const scalar_t* z, scalar_t* out, int64_t V, float inv_t,
-                                 float shift_max, float shift_log, float coef) {
-  const __m256 vt = _mm256_set1_ps(inv_t), vm = _mm256_set1_ps(shift_max);
-  const __m256 vl = _mm256_set1_ps(shift_log), vc = _mm256_set1_ps(coef);
-  int64_t j = 0;
-  for (; j + 8 <= V; j += 8) {
-    const __m256 t = _mm256_sub_ps(_mm256_fmsub_ps(load8(z + j), vt, vm), vl);
-    store8(out + j, _mm256_mul_ps(vc, exp8_nonpositive(t)));
-  }
-  for (; j < V; ++j) {
-    const float e = std::exp((static_cast<float>(z[j]) * inv_t - shift_max) - shift_log);
-    out[j] = static_cast<scalar_t>(coef * e);
-  }
-}
+#define TD_SIMD_TARGET TD_AVX_TARGET
+#define TD_SIMD_NAME dense_row_avx
+#define TD_SIMD_EXP8 exp8_nonpositive
+#include "dense_row_simd.inc"
+#undef TD_SIMD_TARGET
+#undef TD_SIMD_NAME
+#undef TD_SIMD_EXP8
+#define TD_SIMD_TARGET TD_AVX2_TARGET
+#define TD_SIMD_NAME dense_row_avx2
+#define TD_SIMD_EXP8 exp8_nonpositive_avx2
+#include "dense_row_simd.inc"
+#undef TD_SIMD_TARGET
+#undef TD_SIMD_NAME
+#undef TD_SIMD_EXP8
 #endif
 
 template <typename scalar_t, typename acc_t>
@@ -74,6 +73,7 @@ void dense_row(const scalar_t* z, scalar_t* out, int64_t V, acc_t inv_t, acc_t s
                acc_t shift_log, acc_t coef) {
 #if TD_HAVE_X86
   if constexpr (std::is_same_v<acc_t, float>) {
+    if (cpu_has_avx2()) return dense_row_avx2<scalar_t>(z, out, V, inv_t, shift_max, shift_log, coef);
     if (cpu_has_avx_fma()) return dense_row_avx<scalar_t>(z, out, V, inv_t, shift_max, shift_log, coef);
   }
 #endif

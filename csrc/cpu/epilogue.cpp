@@ -31,7 +31,9 @@ void epilogue_kernel(const LossParams& params, const at::Tensor& row_max, const 
   float* p_out = teacher_mass.mutable_data_ptr<float>();
   double* coefs_out = row_coefs.mutable_data_ptr<double>();
   double* g = grad.mutable_data_ptr<double>();
-  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(K, 1));
+  // ~64K entries per task: a [512, 64] batch stays on one thread, where waking a second one
+  // (busy elsewhere) would cost more than the whole epilogue.
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const RowStats st{static_cast<double>(m[n]), static_cast<double>(s[3 * n]),

@@ -69,67 +69,27 @@ RowMaxRest row_pass_scalar(const scalar_t* z, int64_t V, acc_t inv_t, const uint
 }
 
 #if TD_HAVE_X86
-// The same pass, 8 floats at a time. Chunks of 8 columns start at multiples of 8, so their
-// 8 bitmap bits sit in one 64-bit word; a chunk holding a teacher column is summed lane by lane.
-template <typename scalar_t>
-TD_AVX_TARGET RowMaxRest row_pass_avx(const scalar_t* z, int64_t V, float inv_t,
-                                      const uint64_t* bitmap) {
-  float m = -INFINITY;
-  float rest = 0.f;
-  const __m256 vt = _mm256_set1_ps(inv_t);
-  for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
-    const int64_t b1 = std::min(V, b0 + kBlock);
-    const int64_t b8 = b0 + ((b1 - b0) & ~int64_t(7));
-    __m256 vmax = _mm256_set1_ps(-INFINITY);
-    __m256 vnan = _mm256_setzero_ps();
-    for (int64_t j = b0; j < b8; j += 8) {
-      const __m256 x = load8(z + j);
-      vmax = _mm256_max_ps(vmax, x);
-      vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-    }
-    float zmax = hmax8(vmax);
-    bool nan = _mm256_movemask_ps(vnan) != 0;
-    for (int64_t j = b8; j < b1; ++j) {
-      const float x = static_cast<float>(z[j]);
-      nan |= x != x;
-      zmax = std::max(zmax, x);
-    }
-    if (nan) return {std::nan(""), std::nan("")};
-    const float bm = zmax * inv_t;
-    if (bm > m) {
-      rest *= std::exp(m - bm);
-      m = bm;
-    }
-    if (m == -INFINITY) continue;
-    const __m256 vm = _mm256_set1_ps(m);
-    __m256 acc = _mm256_setzero_ps();
-    float partial = 0.f;
-    for (int64_t j = b0; j < b8; j += 8) {
-      const __m256 e = exp8_nonpositive(_mm256_fmsub_ps(load8(z + j), vt, vm));
-      const unsigned bits = static_cast<unsigned>((bitmap[j >> 6] >> (j & 63)) & 0xFF);
-      if (bits == 0) {
-        acc = _mm256_add_ps(acc, e);
-      } else {
-        alignas(32) float lanes[8];
-        _mm256_store_ps(lanes, e);
-        for (int i = 0; i < 8; ++i) {
-          if (!((bits >> i) & 1)) partial += lanes[i];
-        }
-      }
-    }
-    for (int64_t j = b8; j < b1; ++j) {
-      if (!is_teacher(bitmap, j)) partial += std::exp(static_cast<float>(z[j]) * inv_t - m);
-    }
-    rest += hsum8(acc) + partial;
-  }
-  return {m, rest};
-}
+#define TD_SIMD_TARGET TD_AVX_TARGET
+#define TD_SIMD_NAME row_pass_avx
+#define TD_SIMD_EXP8 exp8_nonpositive
+#include "row_pass_simd.inc"
+#undef TD_SIMD_TARGET
+#undef TD_SIMD_NAME
+#undef TD_SIMD_EXP8
+#define TD_SIMD_TARGET TD_AVX2_TARGET
+#define TD_SIMD_NAME row_pass_avx2
+#define TD_SIMD_EXP8 exp8_nonpositive_avx2
+#include "row_pass_simd.inc"
+#undef TD_SIMD_TARGET
+#undef TD_SIMD_NAME
+#undef TD_SIMD_EXP8
 #endif
 
 template <typename scalar_t, typename acc_t>
 RowMaxRest row_pass(const scalar_t* z, int64_t V, acc_t inv_t, const uint64_t* bitmap) {
 #if TD_HAVE_X86
   if constexpr (std::is_same_v<acc_t, float>) {
+    if (cpu_has_avx2()) return row_pass_avx2<scalar_t>(z, V, inv_t, bitmap);
     if (cpu_has_avx_fma()) return row_pass_avx<scalar_t>(z, V, inv_t, bitmap);
   }
 #endif
