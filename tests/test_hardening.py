@@ -870,6 +870,16 @@ def _tp_fault_worker(rank, world_size):
         # shards overlap.
         attempt(f"{api_name}-overlap", lambda: api(z[:n], ids[:n, :k], lp[:n, :k], tp_group=grp,
                                                    vocab_start=0))
+        if api_name == "kernel":
+            # A bad entry in ONE rank's copy of the teacher tensors (not replicated, against the
+            # SPEC): the data checks travel in the layout gather, so every rank raises.
+            bad_ids = ids[:n, :k].clone()
+            bad_lp = lp[:n, :k].clone()
+            if last:
+                bad_ids[1, 0] = vocab
+                bad_lp[2, 1] = float("nan")
+            attempt("kernel-bad-id-one-rank", lambda: api(z[:n], bad_ids, lp[:n, :k], tp_group=grp))
+            attempt("kernel-nan-lp-one-rank", lambda: api(z[:n], ids[:n, :k], bad_lp, tp_group=grp))
         # After the errors the group still works (nobody is left inside a collective).
         attempt(f"{api_name}-after", lambda: api(z[:n], ids[:n, :k], lp[:n, :k], tp_group=grp))
     return results
@@ -919,6 +929,12 @@ def test_tp_shape_disagreement_raises_on_every_rank_without_hanging(world):
             assert res[f"{api}-start-some"].startswith("ValueError:vocab_start"), res[f"{api}-start-some"]
             assert res[f"{api}-overlap"].startswith("ValueError:vocab_start"), res[f"{api}-overlap"]
             assert res[f"{api}-after"].startswith("ok:"), (rank, api, res[f"{api}-after"])
+        assert res["kernel-bad-id-one-rank"].startswith("ValueError:teacher_ids has an id >="), (
+            rank, res["kernel-bad-id-one-rank"])
+        assert res["kernel-nan-lp-one-rank"].startswith("ValueError:teacher_logprobs has a NaN"), (
+            rank, res["kernel-nan-lp-one-rank"])
+        if rank != world - 1:  # the others are told which rank's copy is bad
+            assert f"on rank {world - 1} of tp_group" in res["kernel-bad-id-one-rank"]
         # Same value on every rank (the loss is replicated) and kernel == oracle.
         assert abs(float(res["kernel-after"][3:]) - float(res["oracle-after"][3:])) < 1e-4
     assert len({r["kernel-after"] for r in results}) == 1

@@ -208,6 +208,34 @@ def validate_args(logits, teacher_ids, teacher_logprobs, *, loss="fkl", support=
 
 # ----------------------------------------------------------------------------- data
 
+def data_flags(teacher_ids, teacher_logprobs, mask=None):
+    """The ``check_inputs`` data facts as a device tensor, no host sync: ``[largest id that
+    counts (-1 if none), any NaN log-prob, any log-prob > 0]`` (int64). Padding entries (id < 0)
+    and masked rows are ignored everywhere else, so their contents may be anything."""
+    counted = teacher_ids >= 0
+    if mask is not None:
+        counted = counted & mask.unsqueeze(-1)
+    lp = teacher_logprobs
+    largest = torch.where(counted, teacher_ids.long(), -1)
+    largest = largest.max() if largest.numel() else torch.tensor(-1, device=teacher_ids.device)
+    return torch.stack([largest.reshape(()),
+                        (counted & torch.isnan(lp)).any().long(),
+                        (counted & (lp > 0)).any().long()])
+
+
+def raise_data_errors(largest_id, nan_lp, pos_lp, vocab_size, where="") -> None:
+    """The ValueError of a failed data check (``where``: e.g. " on rank 1 of tp_group")."""
+    if largest_id >= vocab_size:
+        raise ValueError(f"teacher_ids has an id >= the vocab size V={vocab_size}{where} "
+                         f"(ids must be in [0, V), negative = padding)")
+    if nan_lp:
+        raise ValueError(f"teacher_logprobs has a NaN entry{where} (log-probs must be <= 0; "
+                         f"-inf allowed)")
+    if pos_lp:
+        raise ValueError(f"teacher_logprobs has an entry > 0{where} (log-probs must be <= 0; "
+                         f"-inf allowed)")
+
+
 def check_data(teacher_ids, teacher_logprobs, vocab_size, mask=None) -> None:
     """``check_inputs=True`` data checks, with exactly one host sync.
 
@@ -215,21 +243,9 @@ def check_data(teacher_ids, teacher_logprobs, vocab_size, mask=None) -> None:
     everywhere else, so their contents may be anything.
       * an id >= ``vocab_size`` (the full vocab V, all shards)  -> ValueError naming teacher_ids
       * a NaN or > 0 teacher log-prob (-inf is fine)             -> ValueError naming teacher_logprobs
+    Under tensor parallelism the same facts travel in the layout all_gather instead
+    (``parallel.resolve_layout(..., data=...)``), so that every rank raises, not just the one
+    whose copy of the teacher tensors is bad.
     """
-    counted = teacher_ids >= 0
-    if mask is not None:
-        counted = counted & mask.unsqueeze(-1)
-    lp = teacher_logprobs
-    flags = torch.stack([
-        (counted & (teacher_ids >= vocab_size)).any(),
-        (counted & torch.isnan(lp)).any(),
-        (counted & (lp > 0)).any(),
-    ])
-    bad_id, nan_lp, pos_lp = flags.tolist()  # the one host sync
-    if bad_id:
-        raise ValueError(f"teacher_ids has an id >= the vocab size V={vocab_size} "
-                         f"(ids must be in [0, V), negative = padding)")
-    if nan_lp:
-        raise ValueError("teacher_logprobs has a NaN entry (log-probs must be <= 0; -inf allowed)")
-    if pos_lp:
-        raise ValueError("teacher_logprobs has an entry > 0 (log-probs must be <= 0; -inf allowed)")
+    largest_id, nan_lp, pos_lp = data_flags(teacher_ids, teacher_logprobs, mask).tolist()
+    raise_data_errors(largest_id, nan_lp, pos_lp, vocab_size)

@@ -135,14 +135,30 @@ def _layout_from_table(table: Sequence[Sequence[int]], rank: int) -> TPLayout:
 
 
 def _gather_layout(group_name: str, n: int, k: int, v_local: int, start: int,
-                   device) -> TPLayout:
-    """One all_gather of 4 int64 per rank, one host sync; raises ValueError on every rank."""
+                   device, data: Optional[Tensor] = None) -> TPLayout:
+    """One all_gather of 4 int64 per rank (7 with ``data``), one host sync; raises ValueError
+    on every rank.
+
+    ``data``: this rank's :func:`_validate.data_flags` (largest counted id, NaN log-prob,
+    log-prob > 0). Gathered with the layout, so a bad entry in any rank's copy of the teacher
+    tensors makes EVERY rank raise - not one rank raising while the others wait in the next
+    collective until the group's timeout."""
+    from . import _validate
+
     pg = _resolve(group_name)
     world, rank = dist.get_world_size(pg), dist.get_rank(pg)
-    mine = torch.tensor([n, k, v_local, start], dtype=torch.int64,
-                        device=_collective_device(pg, device))
-    table = _all_gather(mine, world, group_name).view(world, 4).tolist()  # the host sync
-    return _layout_from_table(table, rank)
+    coll_device = _collective_device(pg, device)
+    mine = torch.tensor([n, k, v_local, start], dtype=torch.int64, device=coll_device)
+    if data is not None:
+        mine = torch.cat([mine, data.to(device=coll_device, dtype=torch.int64)])
+    width = mine.numel()
+    table = _all_gather(mine, world, group_name).view(world, width).tolist()  # the host sync
+    layout = _layout_from_table([row[:4] for row in table], rank)
+    if data is not None:
+        for r, row in enumerate(table):
+            where = "" if r == rank else f" on rank {r} of tp_group"
+            _validate.raise_data_errors(row[4], row[5], row[6], layout.vocab_size, where)
+    return layout
 
 
 def _traced_layout(group_name: str, v_local: int, start: int) -> tuple:
@@ -164,7 +180,7 @@ except AttributeError:  # pragma: no cover - very old torch
 
 def resolve_layout(group: Union[str, "dist.ProcessGroup"], n: int, k: int, v_local: int,
                    vocab_start: Optional[int], *, check_inputs: bool = True,
-                   device=None) -> TPLayout:
+                   device=None, data: Optional[Tensor] = None) -> TPLayout:
     """This call's vocab layout over the group ``group``: this rank's ``vocab_start`` and the
     global V (plus every rank's shard, for the reference).
 
@@ -197,16 +213,19 @@ def resolve_layout(group: Union[str, "dist.ProcessGroup"], n: int, k: int, v_loc
         cached = _LAYOUT_CACHE.get(key)
         if cached is not None:
             return cached
-    layout = _gather_layout(group_name, int(n), int(k), v_local, start, device)
+    layout = _gather_layout(group_name, int(n), int(k), v_local, start, device,
+                            data if check_inputs else None)
     _LAYOUT_CACHE[key] = layout
     return layout
 
 
 def vocab_layout(group_name: str, n: int, k: int, v_local: int, vocab_start: Optional[int], *,
-                 check_inputs: bool, device=None) -> Tuple[int, int]:
-    """``(this rank's vocab_start, global vocab size V)``: :func:`resolve_layout`, short form."""
+                 check_inputs: bool, device=None,
+                 data: Optional[Tensor] = None) -> Tuple[int, int]:
+    """``(this rank's vocab_start, global vocab size V)``: :func:`resolve_layout`, short form.
+    ``data``: :func:`_validate.data_flags`, checked across the ranks with ``check_inputs``."""
     layout = resolve_layout(group_name, n, k, v_local, vocab_start, check_inputs=check_inputs,
-                            device=device)
+                            device=device, data=data)
     return layout.vocab_start, layout.vocab_size
 
 
@@ -233,10 +252,11 @@ def communication_bytes(n: int, k: int, world_size: int, *, acc_bytes: int = 4,
 
     ``acc_bytes`` is 4 (fp32 / bf16 / fp16 logits) or 8 (fp64 logits). Keys: ``all_reduce_max``
     (N values), ``all_reduce_sum`` (N * (3 + K) values), with ``check_inputs`` also
-    ``all_gather_check`` (4 int64 = 32 bytes; every rank receives the 32 * W byte table), and
+    ``all_gather_check`` (7 int64 = 56 bytes: N, K, V_r, vocab_start and the three data-check
+    facts; every rank receives the 56 * W byte table), and
     ``collectives`` (how many: 2, or 3 with ``check_inputs``). On the wire a ring all-reduce of B
     bytes moves about 2 * (W - 1) / W * B per rank. With ``check_inputs=False`` the first call on a
-    group also makes the layout gather once (it is then cached). ``world_size`` is accepted for
+    group also makes the layout gather once, 4 int64 without the data facts (it is then cached). ``world_size`` is accepted for
     symmetry; no payload depends on it.
     """
     out = {
@@ -244,6 +264,6 @@ def communication_bytes(n: int, k: int, world_size: int, *, acc_bytes: int = 4,
         "all_reduce_sum": n * (3 + k) * acc_bytes,
     }
     if check_inputs:
-        out["all_gather_check"] = 4 * 8
+        out["all_gather_check"] = 7 * 8
     out["collectives"] = len(out)
     return out
