@@ -136,37 +136,8 @@ def time_fwd_bwd(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
                  warmup: int, device: torch.device) -> Dict[str, float]:
     """Medians (ms) of the forward, the backward and both, over ``reps`` iterations after
     ``warmup``. ``forward(x)`` returns a scalar loss; ``x`` requires grad."""
-    fwd: List[float] = []
-    bwd: List[float] = []
-    both: List[float] = []
-    cuda = device.type == "cuda"
-    for i in range(warmup + reps):
-        x.grad = None
-        if cuda:
-            e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-            torch.cuda.synchronize(device)
-            e0.record()
-            loss = forward(x)
-            e1.record()
-            loss.backward()
-            e2.record()
-            torch.cuda.synchronize(device)
-            t_f, t_b = e0.elapsed_time(e1), e1.elapsed_time(e2)
-        else:
-            t0 = time.perf_counter()
-            loss = forward(x)
-            t1 = time.perf_counter()
-            loss.backward()
-            t2 = time.perf_counter()
-            t_f, t_b = (t1 - t0) * 1e3, (t2 - t1) * 1e3
-        del loss
-        if i >= warmup:
-            fwd.append(t_f)
-            bwd.append(t_b)
-            both.append(t_f + t_b)
-    x.grad = None
-    return {"ms_fwd": statistics.median(fwd), "ms_bwd": statistics.median(bwd),
-            "ms_fwd_bwd": statistics.median(both), "reps": reps}
+    return time_fwd_bwd_interleaved({"only": forward}, x, reps=reps, warmup=warmup,
+                                    device=device)["only"]
 
 
 def time_fwd_bwd_interleaved(forwards: Dict[str, Callable[[torch.Tensor], torch.Tensor]],
