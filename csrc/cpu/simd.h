@@ -53,14 +53,13 @@ inline bool cpu_has_avx2() {
 
 #if TD_HAVE_X86
 
-// exp(x) for 8 floats x <= ~0, the only arguments the kernels produce (z/T - max - log-sum).
-// x = n ln2 + r, |r| <= ln2/2, exp(r) by Cephes' degree-6 polynomial (about 1 ulp), 2^n built
-// in the exponent bits. Results below ~1.2e-38 flush to exactly 0 (so a tail of far-below-max
-// logits sums to 0, as in float64, not to V * FLT_MIN); NaN stays NaN. No overflow handling:
-// x > 88 is outside the contract.
-TD_AVX_TARGET inline __m256 exp8_nonpositive(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3365478515625f);
-  const __m256 xc = _mm256_max_ps(lo, x);  // max_ps returns its 2nd operand for NaN: keeps NaN
+// exp(r) for |r| <= ln2/2 (Cephes' degree-6 polynomial) and n = round(x / ln2), for the exp
+// functions below: they differ only in how they build 2^n.
+struct Exp8Parts {
+  __m256 poly;  // exp(r)
+  __m256 n;     // x = n ln2 + r
+};
+TD_AVX_TARGET inline Exp8Parts exp8_parts(__m256 xc) {
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
@@ -71,34 +70,35 @@ TD_AVX_TARGET inline __m256 exp8_nonpositive(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
-  __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  return {_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f))), n};
+}
+
+constexpr float kExp8Lowest = -87.3365478515625f;
+
+// exp(x) for 8 floats x <= ~0, the only arguments the kernels produce (z/T - max - log-sum).
+// x = n ln2 + r, |r| <= ln2/2, exp(r) by the polynomial above (about 1 ulp), 2^n built in the
+// exponent bits. Results below ~1.2e-38 flush to exactly 0 (so a tail of far-below-max logits
+// sums to 0, as in float64, not to V * FLT_MIN); NaN stays NaN. No overflow handling: x > 88 is
+// outside the contract.
+TD_AVX_TARGET inline __m256 exp8_nonpositive(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(kExp8Lowest);
+  const Exp8Parts e = exp8_parts(_mm256_max_ps(lo, x));  // max_ps returns its 2nd operand for NaN
   // 2^n: (n + 127) << 23, in two SSE halves (AVX1 has no 256-bit integer shifts).
-  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i ni = _mm256_cvtps_epi32(e.n);
   const __m128i bias = _mm_set1_epi32(127);
   const __m128i e_lo = _mm_slli_epi32(_mm_add_epi32(_mm256_castsi256_si128(ni), bias), 23);
   const __m128i e_hi = _mm_slli_epi32(_mm_add_epi32(_mm256_extractf128_si256(ni, 1), bias), 23);
-  y = _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_set_m128i(e_hi, e_lo)));
+  const __m256 y = _mm256_mul_ps(e.poly, _mm256_castsi256_ps(_mm256_set_m128i(e_hi, e_lo)));
   return _mm256_and_ps(y, _mm256_cmp_ps(x, lo, _CMP_NLT_UQ));  // x < lo -> 0; NaN kept
 }
 
 // The same exp with AVX2: 2^n as one 256-bit integer add and shift.
 TD_AVX2_TARGET inline __m256 exp8_nonpositive_avx2(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3365478515625f);
-  const __m256 xc = _mm256_max_ps(lo, x);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
-  __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  const __m256 lo = _mm256_set1_ps(kExp8Lowest);
+  const Exp8Parts e = exp8_parts(_mm256_max_ps(lo, x));
+  const __m256i pow2n = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(e.n), _mm256_set1_epi32(127)), 23);
+  const __m256 y = _mm256_mul_ps(e.poly, _mm256_castsi256_ps(pow2n));
   return _mm256_and_ps(y, _mm256_cmp_ps(x, lo, _CMP_NLT_UQ));
 }
 
