@@ -327,20 +327,12 @@ def fused_linear_topk_distill_loss(
     lp2d = teacher_logprobs.detach().reshape(n, k).contiguous()
     mask1d = None if mask is None else mask.reshape(n).contiguous()
 
-    group_name = None
-    start, vocab_size = 0, v_local
-    if tp_group is not None:
-        group_name = parallel.group_name_of(tp_group)
-        checked = check_inputs and not torch.compiler.is_compiling()
-        try:  # with check_inputs the data checks ride in the layout gather: every rank raises
-            start, vocab_size = parallel.vocab_layout(
-                group_name, n, k, v_local, vocab_start, check_inputs=check_inputs,
-                device=hidden.device,
-                data=_validate.data_flags(ids2d, lp2d, mask1d) if checked else None)
-        except ValueError as e:  # the layout check says "logits"; here the rows are hidden's
-            raise ValueError(str(e).replace("logits:", "hidden:")) from None
-    elif check_inputs and not torch.compiler.is_compiling():
-        _validate.check_data(ids2d, lp2d, vocab_size, mask1d)
+    try:
+        group_name, start, vocab_size = parallel.layout_and_checks(
+            tp_group, n, k, v_local, vocab_start, ids2d, lp2d, mask1d,
+            check_inputs=check_inputs, device=hidden.device)
+    except ValueError as e:  # the layout check says "logits"; here the rows are hidden's
+        raise ValueError(str(e).replace("logits:", "hidden:")) from None
 
     if chunk_size is None or group_name is not None:
         local_auto = auto_chunk_size(max(n, 1), v_local, hidden.dtype, hidden.device)

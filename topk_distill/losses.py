@@ -145,18 +145,9 @@ def topk_distill_loss(
     lp2d = teacher_logprobs.detach().reshape(n, k).contiguous()
     mask1d = None if mask is None else mask.reshape(n).contiguous()
 
-    group_name = None
-    start, vocab_size = 0, v_local
-    if tp_group is not None:
-        group_name = parallel.group_name_of(tp_group)
-        # With check_inputs the data checks ride in the layout gather: every rank raises.
-        checked = check_inputs and not torch.compiler.is_compiling()
-        start, vocab_size = parallel.vocab_layout(
-            group_name, n, k, v_local, vocab_start, check_inputs=check_inputs,
-            device=logits.device,
-            data=_validate.data_flags(ids2d, lp2d, mask1d) if checked else None)
-    elif check_inputs and not torch.compiler.is_compiling():
-        _validate.check_data(ids2d, lp2d, vocab_size, mask1d)
+    group_name, start, vocab_size = parallel.layout_and_checks(
+        tp_group, n, k, v_local, vocab_start, ids2d, lp2d, mask1d, check_inputs=check_inputs,
+        device=logits.device)
 
     inv_t = 1.0 / args.temperature
     loss_scale = args.temperature ** 2 if t2_scale else 1.0

@@ -229,6 +229,30 @@ def vocab_layout(group_name: str, n: int, k: int, v_local: int, vocab_start: Opt
     return layout.vocab_start, layout.vocab_size
 
 
+def layout_and_checks(tp_group, n: int, k: int, v_local: int, vocab_start: Optional[int],
+                      teacher_ids: Tensor, teacher_logprobs: Tensor, mask: Optional[Tensor], *,
+                      check_inputs: bool, device=None) -> Tuple[Optional[str], int, int]:
+    """``(group name or None, this rank's vocab_start, global V)`` of a loss call, with its
+    ``check_inputs`` data checks (``[N, K]`` ids / log-probs, ``[N]`` mask).
+
+    Without a group: V = V_r and the data are checked locally (one host sync). With one: the
+    data-check facts ride in the layout all_gather (:func:`resolve_layout`), so a bad entry in any
+    rank's copy of the teacher tensors makes every rank raise. Under ``torch.compile`` the data
+    are not checked (that would be a host sync)."""
+    from . import _validate
+
+    checked = check_inputs and not torch.compiler.is_compiling()
+    if tp_group is None:
+        if checked:
+            _validate.check_data(teacher_ids, teacher_logprobs, v_local, mask)
+        return None, 0, v_local
+    group_name = group_name_of(tp_group)
+    data = _validate.data_flags(teacher_ids, teacher_logprobs, mask) if checked else None
+    start, vocab_size = vocab_layout(group_name, n, k, v_local, vocab_start,
+                                     check_inputs=check_inputs, device=device, data=data)
+    return group_name, start, vocab_size
+
+
 def combine_shard_stats(row_max: Tensor, sums: Tensor, gathered: Tensor,
                         group_name: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Each rank's shard statistics -> the global ones, with exactly two all-reduces.
