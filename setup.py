@@ -4,6 +4,7 @@
 # Develop:   make build   (= python setup.py build_ext --inplace, incremental)
 #
 # Environment:
+#   (The CUDA kernels are always built for the CUDA emulator too, csrc/emu/: no nvcc needed.)
 #   TOPK_DISTILL_CUDA=auto|0|1  auto (default): build the CUDA kernels whenever this torch
 #                               has CUDA (torch.version.cuda) and nvcc is found (CUDA_HOME,
 #                               CUDA_PATH, /usr/local/cuda or PATH) - a visible GPU is not
@@ -112,7 +113,10 @@ else:
 DEBUG = os.environ.get("TOPK_DISTILL_DEBUG", "0") == "1"
 os.environ.setdefault("MAX_JOBS", "2")
 
-sources = glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp"))
+# csrc/emu/: the CUDA kernels compiled by the host compiler against the CUDA emulator - always
+# built, GPU or not, so that every build (CI's included) can run the CUDA kernels.
+sources = (glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp"))
+           + glob.glob(os.path.join(CSRC, "emu", "*.cpp")))
 if WITH_CUDA:
     sources += glob.glob(os.path.join(CSRC, "cuda", "*.cu"))
     sources += glob.glob(os.path.join(CSRC, "cuda", "*.cpp"))

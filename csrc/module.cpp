@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 
+#include "emu/emu.h"
+
 #include <mutex>
 #include <set>
 #include <thread>
@@ -48,4 +50,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("_parallel_for_threads", &parallel_for_threads, pybind11::arg("n"),
         "Distinct threads used by an at::parallel_for over n items in this library.");
+  m.def(
+      "_emu_stats",
+      [] {
+        const td_emu::Stats s = td_emu::stats();
+        pybind11::dict d;
+        d["launches"] = s.launches;
+        d["blocks"] = s.blocks;
+        d["threads"] = s.threads;
+        d["barriers"] = s.barriers;
+        d["warp_collectives"] = s.warp_collectives;
+        return d;
+      },
+      "What the CUDA emulator has run since the last _emu_reset_stats(): launches, blocks, "
+      "threads, barriers and warp collectives passed (process-wide).");
+  m.def("_emu_reset_stats", &td_emu::reset_stats, "Zero the CUDA emulator's counters.");
 }

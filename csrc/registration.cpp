@@ -8,9 +8,15 @@
 //
 // Shapes: N rows, V_r = this rank's vocab columns, K teacher entries per row.
 // "acc" is float32, or float64 when the logits are float64.
+//
+// The same schemas are defined twice: topk_distill::* (CPU kernels in csrc/cpu/, CUDA kernels in
+// csrc/cuda/) and topk_distill_emu::* (the CUDA kernels run on CPU tensors under the CUDA
+// emulator, csrc/emu/; what TOPK_DISTILL_EMULATE_CUDA=1 routes the Python API through).
 #include <torch/library.h>
 
-TORCH_LIBRARY(topk_distill, m) {
+namespace {
+
+void define_ops(torch::Library& m) {
   // logits [N, V_r] (any row stride, unit column stride), teacher_ids [N, K] int32/int64.
   // Returns, all in acc dtype:
   //   row_max  [N]     max_v logits[n, v] * inv_temperature over this shard
@@ -60,3 +66,8 @@ TORCH_LIBRARY(topk_distill, m) {
       "backward_(Tensor(a!) logits, Tensor teacher_ids, Tensor row_max, Tensor row_coefs,"
       " Tensor grad_logprobs, Tensor grad_rows, int vocab_start, float inv_temperature) -> ()");
 }
+
+}  // namespace
+
+TORCH_LIBRARY(topk_distill, m) { define_ops(m); }
+TORCH_LIBRARY(topk_distill_emu, m) { define_ops(m); }

@@ -1,6 +1,7 @@
 """Input builders and comparison helpers shared by the kernel test files."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -9,7 +10,26 @@ import torch
 LOSSES = ["fkl", "rkl", "jsd", "fkl+rkl", "tvd", "skl", "srkl"]
 SUPPORTS = ["topk", "renorm", "tail"]
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Where the kernel-backed API runs in parametrised tests: the CPU kernels, the CUDA kernels under
+# the CUDA emulator (CPU tensors, "cuda_emu": tests/conftest.py selects the emulated backend for
+# the test's duration), and a real GPU when there is one.
+DEVICES = ["cpu", "cuda_emu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def tdev(device: str) -> str:
+    """The torch device of a test device name ("cuda_emu" tensors live on the CPU)."""
+    return "cpu" if device == "cuda_emu" else device
+
+
+@contextlib.contextmanager
+def emulated_cuda_ran():
+    """``with emulated_cuda_ran() as ran: ...; ran()`` - what the CUDA emulator ran inside the
+    block (launches, blocks, threads, barriers, warp collectives), for tests that must prove the
+    emulated kernels really ran."""
+    import topk_distill._C as C
+
+    before = C._emu_stats()
+    yield lambda: {k: v - before[k] for k, v in C._emu_stats().items()}
 
 
 def teacher_batch(n: int, v: int, k: int, *, seed: int = 0, scale: float = 2.0,
@@ -47,6 +67,7 @@ def teacher_batch(n: int, v: int, k: int, *, seed: int = 0, scale: float = 2.0,
         z[5] = z[5] * 0.1
         z[5, ids[5].clamp_min(0)] += 12.0
     lp = torch.where(ids >= 0, lp, torch.zeros_like(lp))
+    device = tdev(device)
     return z.to(device=device, dtype=logits_dtype), ids.to(device), lp.to(device)
 
 

@@ -10,7 +10,7 @@ import torch
 import topk_distill as td
 from topk_distill import reference
 
-from _inputs import DEVICES, LOSSES, SUPPORTS, assert_close, assert_close_rowwise, teacher_batch
+from _inputs import DEVICES, LOSSES, SUPPORTS, assert_close, assert_close_rowwise, tdev, teacher_batch
 
 ref = reference.topk_distill_loss
 
@@ -45,7 +45,7 @@ CASES = list(itertools.product(LOSSES, SUPPORTS, [None, -4.0], [1.0, 2.5]))
 def test_matches_reference_fp64_and_fp32(loss, support, clamp, temperature, device):
     z, ids, lp = teacher_batch(12, 97, 9, seed=zlib.crc32(f"{loss}-{support}".encode()) % 1000, device=device)
     kw = dict(loss=loss, support=support, log_prob_min_clamp=clamp, temperature=temperature)
-    dtypes = [torch.float32] + ([torch.float64] if device == "cpu" else [])
+    dtypes = [torch.float32] + ([torch.float64] if device != "cuda" else [])
     for dt in dtypes:
         compare(z, ids, lp, dt, what=f"{dt}", **kw)
 
@@ -86,7 +86,7 @@ def test_mask_reduction_and_leading_dims(reduction, device):
     z, ids, lp = teacher_batch(24, 64, 8, seed=2, device=device)
     z, ids, lp = z.view(2, 3, 4, 64).float(), ids.view(2, 3, 4, 8), lp.view(2, 3, 4, 8)
     mask = torch.rand(2, 3, 4, generator=torch.Generator().manual_seed(0)) > 0.4
-    mask = mask.to(device)
+    mask = mask.to(tdev(device))
     kw = dict(loss="jsd", support="renorm", mask=mask, reduction=reduction)
     zk = z.clone().requires_grad_(True)
     zr = z.double().clone().requires_grad_(True)

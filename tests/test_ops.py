@@ -5,7 +5,7 @@ import torch
 import topk_distill as td
 from topk_distill import ops
 
-from _inputs import DEVICES, LOSSES, SUPPORTS, teacher_batch
+from _inputs import DEVICES, LOSSES, SUPPORTS, tdev, teacher_batch
 
 
 def op_inputs(device="cpu", dtype=torch.float32, n=6, v=40, k=5):
@@ -21,23 +21,24 @@ def op_inputs(device="cpu", dtype=torch.float32, n=6, v=40, k=5):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck_every_op(device, dtype):
     z, ids, lp, row_max, sums, gathered, row_coefs, g = op_inputs(device, dtype)
-    grad_rows = torch.rand(z.shape[0], device=device)
-    mask = torch.tensor([True, False, True, True, True, False], device=device)
+    grad_rows = torch.rand(z.shape[0], device=tdev(device))
+    mask = torch.tensor([True, False, True, True, True, False], device=tdev(device))
+    ns = torch.ops.topk_distill_emu if device == "cuda_emu" else torch.ops.topk_distill
     cases = [
-        (torch.ops.topk_distill.shard_pass.default, (z, ids, 3, 0.7)),
-        (torch.ops.topk_distill.epilogue.default,
+        (ns.shard_pass.default, (z, ids, 3, 0.7)),
+        (ns.epilogue.default,
          (row_max, sums, gathered, ids, lp, mask, 40, "srkl", "renorm", 0.5, 0.1, 0.3, None, 2.0)),
-        (torch.ops.topk_distill.backward.default, (z, ids, row_max, row_coefs, g, grad_rows, 0, 0.5)),
-        (torch.ops.topk_distill.backward_.default,
-         (z.clone(), ids, row_max, row_coefs, g, grad_rows, 0, 0.5)),
+        (ns.backward.default, (z, ids, row_max, row_coefs, g, grad_rows, 0, 0.5)),
+        (ns.backward_.default, (z.clone(), ids, row_max, row_coefs, g, grad_rows, 0, 0.5)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
 
 
-def test_every_op_has_a_cpu_kernel_and_fake():
+@pytest.mark.parametrize("namespace", ["topk_distill", "topk_distill_emu"])
+def test_every_op_has_a_cpu_kernel_and_fake(namespace):
     for name in ("shard_pass", "epilogue", "backward", "backward_"):
-        op = getattr(torch.ops.topk_distill, name).default
+        op = getattr(getattr(torch.ops, namespace), name).default
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CPU")
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Meta") or \
             torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeExplicitAutograd") \

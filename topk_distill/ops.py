@@ -3,15 +3,71 @@ function that chains them.
 
 The schemas and what every output means are in ``csrc/registration.cpp``. The fake kernels let
 ``torch.compile`` and ``torch.library.opcheck`` reason about shapes without running a kernel.
+
+Backends. ``"native"`` (the default): CPU tensors run the CPU kernels, CUDA tensors the CUDA
+kernels. ``"emulated_cuda"``: CPU tensors run the CUDA kernels - the same source, compiled for
+the host against the CUDA emulator (``csrc/emu``), which also checks synchronisation, warp
+collectives and shared-memory bounds - registered as ``torch.ops.topk_distill_emu.*``; CUDA
+tensors still run the real CUDA kernels. ``TOPK_DISTILL_EMULATE_CUDA=1`` in the environment
+selects it when topk_distill is imported, so any script using the public API runs the CUDA
+kernels without a GPU; :func:`set_backend` / :func:`use_backend` switch in a running process.
+The emulator reads ``TOPK_DISTILL_EMU_SMS`` (SM count the launch geometry assumes, default 132),
+``TOPK_DISTILL_EMU_SEED`` (schedule seed) and ``TOPK_DISTILL_EMU_THREADS`` (OS threads).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+import os
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-_ops = torch.ops.topk_distill
+BACKENDS = ("native", "emulated_cuda")
+_NAMESPACES = ("topk_distill", "topk_distill_emu")
+
+
+def _backend_from_env() -> str:
+    value = os.environ.get("TOPK_DISTILL_EMULATE_CUDA", "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return "native"
+    if value in ("1", "true", "yes", "on"):
+        return "emulated_cuda"
+    raise ValueError(f"TOPK_DISTILL_EMULATE_CUDA must be 0 or 1; got {value!r}")
+
+
+_backend = _backend_from_env()
+
+
+def backend() -> str:
+    """The current backend: ``"native"`` or ``"emulated_cuda"`` (see the module docstring)."""
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for every later call in this process."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
+    _backend = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """``with ops.use_backend("emulated_cuda"): ...`` - the backend inside the block only."""
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _ops(t: Tensor):
+    """The op namespace that serves tensors on ``t``'s device under the current backend."""
+    if _backend == "emulated_cuda" and t.device.type == "cpu":
+        return torch.ops.topk_distill_emu
+    return torch.ops.topk_distill
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -24,7 +80,6 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.register_fake("topk_distill::shard_pass")
 def _shard_pass_fake(logits, teacher_ids, vocab_start, inv_temperature):
     n, k = logits.shape[0], teacher_ids.shape[1]
     acc = acc_dtype(logits.dtype)
@@ -35,7 +90,6 @@ def _shard_pass_fake(logits, teacher_ids, vocab_start, inv_temperature):
     )
 
 
-@torch.library.register_fake("topk_distill::epilogue")
 def _epilogue_fake(row_max, sums, gathered, teacher_ids, teacher_logprobs, mask, vocab_size,
                    loss, support, beta, rkl_ratio, skew, log_prob_min_clamp, loss_scale):
     n = row_max.shape[0]
@@ -48,16 +102,21 @@ def _epilogue_fake(row_max, sums, gathered, teacher_ids, teacher_logprobs, mask,
     )
 
 
-@torch.library.register_fake("topk_distill::backward")
 def _backward_fake(logits, teacher_ids, row_max, row_coefs, grad_logprobs, grad_rows, vocab_start,
                    inv_temperature):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("topk_distill::backward_")
 def _backward_inplace_fake(logits, teacher_ids, row_max, row_coefs, grad_logprobs, grad_rows,
                            vocab_start, inv_temperature):
     return None
+
+
+for _ns in _NAMESPACES:
+    torch.library.register_fake(f"{_ns}::shard_pass")(_shard_pass_fake)
+    torch.library.register_fake(f"{_ns}::epilogue")(_epilogue_fake)
+    torch.library.register_fake(f"{_ns}::backward")(_backward_fake)
+    torch.library.register_fake(f"{_ns}::backward_")(_backward_inplace_fake)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +127,7 @@ def _backward_inplace_fake(logits, teacher_ids, row_max, row_coefs, grad_logprob
 def shard_pass(logits: Tensor, teacher_ids: Tensor, vocab_start: int,
                inv_temperature: float) -> Tuple[Tensor, Tensor, Tensor]:
     """(row_max [N], sums [N, 3], gathered [N, K]) of this rank's logits [N, V_r]."""
-    return _ops.shard_pass(logits, teacher_ids, vocab_start, inv_temperature)
+    return _ops(logits).shard_pass(logits, teacher_ids, vocab_start, inv_temperature)
 
 
 def epilogue(row_max: Tensor, sums: Tensor, gathered: Tensor, teacher_ids: Tensor,
@@ -76,7 +135,7 @@ def epilogue(row_max: Tensor, sums: Tensor, gathered: Tensor, teacher_ids: Tenso
              support: str, beta: float, rkl_ratio: float, skew: float,
              log_prob_min_clamp: Optional[float], loss_scale: float):
     """(loss [N], student_mass [N], teacher_mass [N], row_coefs [N, 3] f64, grad_logprobs [N, K] f64))."""
-    return _ops.epilogue(row_max, sums, gathered, teacher_ids, teacher_logprobs, mask, vocab_size,
+    return _ops(row_max).epilogue(row_max, sums, gathered, teacher_ids, teacher_logprobs, mask, vocab_size,
                          loss, support, beta, rkl_ratio, skew, log_prob_min_clamp, loss_scale)
 
 
@@ -84,7 +143,7 @@ def backward(logits: Tensor, teacher_ids: Tensor, row_max: Tensor, row_coefs: Te
              grad_logprobs: Tensor, grad_rows: Tensor, vocab_start: int,
              inv_temperature: float) -> Tensor:
     """Gradient w.r.t. logits, a new tensor in the logits' dtype."""
-    return _ops.backward(logits, teacher_ids, row_max, row_coefs, grad_logprobs, grad_rows,
+    return _ops(logits).backward(logits, teacher_ids, row_max, row_coefs, grad_logprobs, grad_rows,
                          vocab_start, inv_temperature)
 
 
@@ -92,5 +151,5 @@ def backward_(logits: Tensor, teacher_ids: Tensor, row_max: Tensor, row_coefs: T
               grad_logprobs: Tensor, grad_rows: Tensor, vocab_start: int,
               inv_temperature: float) -> None:
     """Gradient w.r.t. logits written into the logits' own storage."""
-    _ops.backward_(logits, teacher_ids, row_max, row_coefs, grad_logprobs, grad_rows, vocab_start,
+    _ops(logits).backward_(logits, teacher_ids, row_max, row_coefs, grad_logprobs, grad_rows, vocab_start,
                    inv_temperature)

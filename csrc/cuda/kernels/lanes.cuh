@@ -7,16 +7,17 @@
 //   BlockLanes  one block owns a row (large K): warp butterflies, then every thread folds the
 //               per-warp partials from shared memory in the same order.
 //
-// The methods are __host__ __device__ only so that epilogue_row (TD_HD) may call them in either
-// compilation pass; they are meaningful on the device only.
+// The methods are __host__ __device__ only so that epilogue_row (TD_HD) may call them in nvcc's
+// host pass too; they are meaningful in device code only (TD_DEVICE_CODE: nvcc's device pass and
+// the emulator - not __CUDA_ARCH__, which the emulated build must not define).
 #pragma once
 
 #include <cstdint>
 
-#include "../divergences.h"
+#include "../../divergences.h"
+#include "../portability.cuh"
 
-namespace topk_distill {
-namespace cuda {
+TD_CUDA_NAMESPACE_BEGIN
 
 struct WarpLanes {
   int lane;  // threadIdx.x % 32
@@ -25,7 +26,7 @@ struct WarpLanes {
   __host__ __device__ __forceinline__ int64_t stride() const { return 32; }
 
   __host__ __device__ __forceinline__ double sum(double x) const {
-#ifdef __CUDA_ARCH__
+#if TD_DEVICE_CODE
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
 #endif
@@ -33,7 +34,7 @@ struct WarpLanes {
   }
 
   __host__ __device__ __forceinline__ bool any(bool x) const {
-#ifdef __CUDA_ARCH__
+#if TD_DEVICE_CODE
     return __any_sync(0xffffffffu, x) != 0;
 #else
     return x;
@@ -41,7 +42,7 @@ struct WarpLanes {
   }
 
   __host__ __device__ __forceinline__ LogSumExp merge(LogSumExp x) const {
-#ifdef __CUDA_ARCH__
+#if TD_DEVICE_CODE
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
       const double om = __shfl_xor_sync(0xffffffffu, x.max, o);
@@ -55,7 +56,7 @@ struct WarpLanes {
   __host__ __device__ __forceinline__ bool leader() const { return lane == 0; }
 
   __host__ __device__ __forceinline__ void sync() const {
-#ifdef __CUDA_ARCH__
+#if TD_DEVICE_CODE
     __syncwarp();
 #endif
   }
@@ -71,14 +72,14 @@ struct BlockLanes {
   BlockScratch* scratch;  // in shared memory
 
   __host__ __device__ __forceinline__ int64_t first() const {
-#ifdef __CUDA_ARCH__
+#if TD_DEVICE_CODE
     return threadIdx.x;
 #else
     return 0;
 #endif
   }
   __host__ __device__ __forceinline__ int64_t stride() const {
-#ifdef __CUDA_ARCH__
+#if TD_DEVICE_CODE
     return blockDim.x;
 #else
     return 1;
@@ -86,7 +87,7 @@ struct BlockLanes {
   }
 
   __host__ __device__ __forceinline__ double sum(double x) const {
-#ifdef __CUDA_ARCH__
+#if TD_DEVICE_CODE
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
@@ -102,7 +103,7 @@ struct BlockLanes {
   }
 
   __host__ __device__ __forceinline__ bool any(bool x) const {
-#ifdef __CUDA_ARCH__
+#if TD_DEVICE_CODE
     return __syncthreads_or(x) != 0;
 #else
     return x;
@@ -110,7 +111,7 @@ struct BlockLanes {
   }
 
   __host__ __device__ __forceinline__ LogSumExp merge(LogSumExp x) const {
-#ifdef __CUDA_ARCH__
+#if TD_DEVICE_CODE
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
@@ -133,7 +134,7 @@ struct BlockLanes {
   }
 
   __host__ __device__ __forceinline__ bool leader() const {
-#ifdef __CUDA_ARCH__
+#if TD_DEVICE_CODE
     return threadIdx.x == 0;
 #else
     return true;
@@ -141,11 +142,10 @@ struct BlockLanes {
   }
 
   __host__ __device__ __forceinline__ void sync() const {
-#ifdef __CUDA_ARCH__
+#if TD_DEVICE_CODE
     __syncthreads();
 #endif
   }
 };
 
-}  // namespace cuda
-}  // namespace topk_distill
+TD_CUDA_NAMESPACE_END

@@ -1,21 +1,17 @@
 // Device helpers shared by the CUDA kernels of topk-distill: accumulation types, 16-byte packs,
-// deterministic block reductions, the per-block teacher-column bitmap and the launch geometry.
+// deterministic block reductions and the per-block teacher-column bitmap. Device code: CUDA only
+// through portability.cuh (compiled by nvcc and by the emulator, see there).
 #pragma once
-
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
 
-namespace topk_distill {
-namespace cuda {
+#include "../launch_geometry.h"
+#include "../portability.cuh"
+
+TD_CUDA_NAMESPACE_BEGIN
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
@@ -74,7 +70,7 @@ __device__ __forceinline__ T warp_sum(T v) {
 }
 
 template <typename T>
-__device__ __forceinline__ T block_sum(T v, T* scratch /* [32] */) {
+__device__ __forceinline__ T block_sum(T v, smem_ptr<T> scratch /* [32] */) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   v = warp_sum(v);
   if (lane == 0) scratch[warp] = v;
@@ -113,8 +109,8 @@ __device__ __forceinline__ MaxSum<acc_t> warp_max_sum(MaxSum<acc_t> v) {
 }
 
 template <typename acc_t>
-__device__ __forceinline__ MaxSum<acc_t> block_max_sum(MaxSum<acc_t> v, acc_t* sm /* [32] */,
-                                                       acc_t* ss /* [32] */) {
+__device__ __forceinline__ MaxSum<acc_t> block_max_sum(MaxSum<acc_t> v, smem_ptr<acc_t> sm /* [32] */,
+                                                       smem_ptr<acc_t> ss /* [32] */) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   v = warp_max_sum(v);
   if (lane == 0) {
@@ -142,7 +138,7 @@ __host__ __device__ constexpr int64_t bitmap_words(int64_t range) { return (rang
 // Marks the in-range teacher columns; returns (to every thread) whether some column was marked
 // twice, i.e. the row has a repeated id in this range. Ends with a block barrier.
 template <typename id_t>
-__device__ __forceinline__ bool mark_teacher_columns(uint32_t* bm, const id_t* ids, int64_t K,
+__device__ __forceinline__ bool mark_teacher_columns(smem_ptr<uint32_t> bm, const id_t* ids, int64_t K,
                                                      int64_t vocab_start, int64_t r0, int64_t r1,
                                                      int sh) {
   int dup = 0;
@@ -161,7 +157,7 @@ __device__ __forceinline__ bool mark_teacher_columns(uint32_t* bm, const id_t* i
 // Undoes mark_teacher_columns (whole words: they hold no other marks afterwards). The caller
 // must have a barrier between the last bitmap read and this, and another before the next mark.
 template <typename id_t>
-__device__ __forceinline__ void clear_teacher_columns(uint32_t* bm, const id_t* ids, int64_t K,
+__device__ __forceinline__ void clear_teacher_columns(smem_ptr<uint32_t> bm, const id_t* ids, int64_t K,
                                                       int64_t vocab_start, int64_t r0, int64_t r1,
                                                       int sh) {
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
@@ -173,65 +169,14 @@ __device__ __forceinline__ void clear_teacher_columns(uint32_t* bm, const id_t* 
   }
 }
 
-__device__ __forceinline__ void zero_bitmap(uint32_t* bm, int64_t words) {
+__device__ __forceinline__ void zero_bitmap(smem_ptr<uint32_t> bm, int64_t words) {
   for (int64_t i = threadIdx.x; i < words; i += blockDim.x) bm[i] = 0u;
   __syncthreads();
 }
 
 template <int VEC>
-__device__ __forceinline__ uint32_t bitmap_bits(const uint32_t* bm, int64_t b) {
+__device__ __forceinline__ uint32_t bitmap_bits(smem_ptr<const uint32_t> bm, int64_t b) {
   return (bm[b >> 5] >> (b & 31)) & ((VEC >= 32) ? kFullMask : ((1u << VEC) - 1u));
 }
 
-// ---------------------------------------------------------------------------------------------
-// Launch geometry (host). A row is one block's work when there are enough rows to fill the GPU;
-// otherwise (few rows, long rows: N = 64, V = 262144) each row is split into column ranges of
-// at least kMinSplitCols, one block each. A range never exceeds kMaxBlockCols, which bounds
-// the bitmap at 32 KiB of shared memory (no opt-in above 48 KiB needed).
-// ---------------------------------------------------------------------------------------------
-
-constexpr int64_t kMaxBlockCols = int64_t(1) << 18;
-constexpr int64_t kMinSplitCols = int64_t(1) << 13;
-
-struct RowSplit {
-  int64_t splits;  // column ranges per row
-  int64_t chunk;   // columns per range (a multiple of 64, the last range may be shorter)
-};
-
-inline int sm_count(c10::DeviceIndex device) {
-  static int cached[64] = {0};
-  const int d = static_cast<int>(device);
-  if (d >= 0 && d < 64 && cached[d] > 0) return cached[d];
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d));
-  if (d >= 0 && d < 64) cached[d] = sms;
-  return sms;
-}
-
-inline RowSplit choose_row_split(int64_t N, int64_t V, int sms) {
-  auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
-  int64_t splits = cdiv(V, kMaxBlockCols);
-  const int64_t target_blocks = int64_t(4) * sms;
-  if (N * splits < target_blocks) {
-    const int64_t want = cdiv(target_blocks, std::max<int64_t>(N, 1));
-    splits = std::max(splits, std::min(want, std::max<int64_t>(1, V / kMinSplitCols)));
-  }
-  int64_t chunk = cdiv(cdiv(V, splits), 64) * 64;
-  chunk = std::min(chunk, kMaxBlockCols);
-  return {cdiv(V, chunk), chunk};
-}
-
-// Threads per block for a range of `cols` columns of VEC-element packs.
-inline int threads_for(int64_t cols, int vec) {
-  const int64_t packs = cols / vec;
-  if (packs >= 8192) return 512;
-  if (packs >= 2048) return 256;
-  return 128;
-}
-
-inline unsigned grid_for(int64_t work_items) {
-  return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(work_items, 1), int64_t(1) << 30));
-}
-
-}  // namespace cuda
-}  // namespace topk_distill
+TD_CUDA_NAMESPACE_END

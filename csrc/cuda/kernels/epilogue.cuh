@@ -1,0 +1,89 @@
+// CUDA epilogue, device code: per-row loss, masses and g = dL/ds from the global row statistics (semantics:
+// csrc/registration.cpp; the math is the shared driver epilogue_row in csrc/divergences.h, the
+// same code the CPU kernel runs, here with a warp or a block as its Lanes).
+//
+// Memory traffic: O(N * K) - reads the row stats, the gathered logits, ids, teacher log-probs
+// (and the mask), writes g [N, K] f64 and O(N) results; compute-bound on the fp64 exp / log of
+// the bins, not on memory.
+//
+// Work split: K <= 256 (the fast path): one warp per row (WarpLanes), 8 rows per 256-thread
+// block, entry k on lane k % 32. K > 256: one 256-thread block per row (BlockLanes). Reductions
+// are fixed-order butterflies, so results are bitwise reproducible.
+//
+// Device code only: CUDA through portability.cuh; the host launcher is csrc/cuda/epilogue.cu.
+#pragma once
+
+#include <cstdint>
+
+#include "../../divergences.h"
+#include "common.cuh"
+#include "lanes.cuh"
+
+TD_CUDA_NAMESPACE_BEGIN
+
+constexpr int64_t kWarpPathMaxK = 256;
+constexpr int kEpilogueThreads = 256;
+
+template <typename acc_t, typename id_t, typename lp_t>
+struct EpilogueArgs {
+  LossParams params;
+  int64_t N, K, vocab_size;
+  const acc_t* row_max;   // [N]
+  const acc_t* sums;      // [N, 3]
+  const acc_t* gathered;  // [N, K]
+  const id_t* ids;        // [N, K]
+  const lp_t* lp;         // [N, K]
+  const bool* mask;       // [N] or null
+  acc_t* loss;            // [N]
+  float* student_mass;    // [N]
+  float* teacher_mass;    // [N]
+  double* row_coefs;      // [N, 3]
+  double* g;              // [N, K]
+};
+
+template <class Lanes, typename acc_t, typename id_t, typename lp_t>
+__device__ __forceinline__ void epilogue_one_row(const Lanes& lanes,
+                                                 const EpilogueArgs<acc_t, id_t, lp_t>& a,
+                                                 int64_t n) {
+  const RowStats st{static_cast<double>(a.row_max[n]), static_cast<double>(a.sums[3 * n]),
+                    static_cast<double>(a.sums[3 * n + 1]), static_cast<double>(a.sums[3 * n + 2])};
+  const bool counted = a.mask == nullptr || a.mask[n];
+  const RowResult r = epilogue_row(lanes, a.params, a.K, st, counted, a.vocab_size,
+                                   a.gathered + n * a.K, a.ids + n * a.K, a.lp + n * a.K,
+                                   a.g + n * a.K);
+  if (lanes.leader()) {
+    a.loss[n] = static_cast<acc_t>(r.loss);
+    a.student_mass[n] = static_cast<float>(r.student_mass);
+    a.teacher_mass[n] = static_cast<float>(r.teacher_mass);
+    a.row_coefs[3 * n + 0] = r.log_sum;
+    a.row_coefs[3 * n + 1] = r.dense_coef;
+    a.row_coefs[3 * n + 2] = r.outside_coef;
+  }
+}
+
+// One warp per row. A warp's row index is uniform across its lanes, so the whole warp enters
+// or leaves the loop together (the shuffles in WarpLanes need all 32 lanes).
+template <typename acc_t, typename id_t, typename lp_t>
+__global__ void __launch_bounds__(kEpilogueThreads)
+    epilogue_warp_kernel(const EpilogueArgs<acc_t, id_t, lp_t> a) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps_per_block = blockDim.x >> 5;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * warps_per_block + (threadIdx.x >> 5);
+  const int64_t step = static_cast<int64_t>(gridDim.x) * warps_per_block;
+  const WarpLanes lanes{lane};
+  for (int64_t n = first; n < a.N; n += step) epilogue_one_row(lanes, a, n);
+}
+
+// One block per row (large K).
+template <typename acc_t, typename id_t, typename lp_t>
+__global__ void __launch_bounds__(kEpilogueThreads)
+    epilogue_block_kernel(const EpilogueArgs<acc_t, id_t, lp_t> a) {
+  TD_SHARED_OBJECT(BlockScratch, scratch);
+  const BlockLanes lanes{&scratch};
+  for (int64_t n = blockIdx.x; n < a.N; n += gridDim.x) {
+    epilogue_one_row(lanes, a, n);
+    __syncthreads();  // (BlockLanes already ends each reduction with a barrier; cheap insurance)
+  }
+}
+
+TD_CUDA_NAMESPACE_END
