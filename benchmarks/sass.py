@@ -666,6 +666,8 @@ def build_cfg(ins: List[Dict]) -> Dict:
                     leaders.add(index[i["target"]])
                 else:
                     unresolved = True
+            elif base in ("BRX", "JMX"):  # indirect: successors unknown
+                unresolved = True
         if base == "CALL" and i["target"] in index:
             leaders.add(index[i["target"]])
     starts = sorted(leaders)
@@ -771,6 +773,7 @@ def natural_loops(cfg: Dict) -> Tuple[List[Dict], int]:
     """Natural loops (one per header: the union of its back edges' bodies) and the number of
     retreating edges that are not back edges (irreducible flow, not analysed)."""
     idom = dominators(cfg)
+    cfg["idom"] = idom
     by_header: Dict[int, Dict] = {}
     irreducible = 0
     for u, ss in enumerate(cfg["succ"]):
@@ -798,14 +801,11 @@ def steady_path(cfg: Dict, ins: List[Dict], lp: Dict) -> List[int]:
     """The header-to-latch path through the loop (back edges removed, inner loops' too) that
     maximises (16-byte global accesses, -narrower global accesses, instructions)."""
     body = lp["body"]
-    headers = {lp["header"]}
-    inner_back = set()
-    for b in body:
-        for t in cfg["succ"][b]:
-            if t in body and cfg["blocks"][t][0] <= cfg["blocks"][b][0]:
-                inner_back.add((b, t))
-    edges = {b: [t for t in cfg["succ"][b] if t in body and (b, t) not in inner_back
-                 and t not in headers] for b in body}
+    idom = cfg["idom"]
+    # the DAG of one iteration: no edge into a block that dominates its source (this loop's and
+    # inner loops' back edges); an out-of-line block jumping back up is a forward edge
+    edges = {b: [t for t in cfg["succ"][b] if t in body and not dominates(idom, t, b)]
+             for b in body}
 
     def weight(b):
         s, e = cfg["blocks"][b]

@@ -138,6 +138,32 @@ def test_parse_sass_and_hot_loop(text, line_info):
         assert h["source"].startswith("common.cuh:51") and "k.cu:20" not in h["source"]
 
 
+def test_out_of_line_block_in_a_loop():
+    # ptxas may move a conditional block below the loop, jumping back into its middle: that jump
+    # is a forward edge of the iteration (only edges into a dominator are back edges)
+    text = textwrap.dedent("""\
+        \t.section\t.text._Z1kIfEvv,"ax",@progbits
+                /*0000*/                   S2R R0, SR_TID.X ;
+        .L_x_1:
+                /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+                /*0020*/               @P0 BRA `(.L_x_3) ;
+        .L_x_2:
+                /*0030*/                   FADD R22, R22, R4 ;
+                /*0040*/                   ISETP.GE.AND P1, PT, R2, R40, PT ;
+                /*0050*/              @!P1 BRA `(.L_x_1) ;
+                /*0060*/                   EXIT ;
+        .L_x_3:
+                /*0070*/                   MUFU.EX2 R4, R4 ;
+                /*0080*/                   BRA `(.L_x_2) ;
+        """)
+    (ins,) = sass.parse_sass(text).values()
+    a = sass.analyse_function(ins, "fp32")
+    (h,) = a["hot_loops"]
+    assert h["blocks_in_body"] == 3 and h["instructions_in_body"] == 7
+    assert h["instructions_per_iteration"] == 7  # the moved block counted (conservative)
+    assert h["logits_per_iteration"] == 4 and not h["writes"]
+
+
 def test_describe_kernel():
     d = sass.describe_kernel(
         "void topk_distill::cuda::(anonymous namespace)::shard_pass_kernel<c10::BFloat16, long, "
