@@ -170,7 +170,7 @@ def cuda_bin_dirs(nvcc: Optional[str]) -> List[Path]:
         if os.environ.get(var):
             dirs.append(Path(os.environ[var]) / "bin")
     dirs.append(Path("/usr/local/cuda/bin"))
-    return dirs
+    return list(dict.fromkeys(dirs))
 
 
 def find_disassemblers(nvcc: Optional[str], explicit: Optional[str] = None) -> List[Dict]:
@@ -303,7 +303,7 @@ def parse_ninja(path: Path) -> Dict:
 
 def find_build_ninja(repo: Path = REPO) -> Path:
     cands = [Path(p) for p in glob.glob(str(repo / "build" / "temp.*" / "build.ninja"))]
-    cands = [p for p in cands if "cuda_compile" in p.read_text()]
+    cands = [p for p in cands if "cuda_compile" in p.read_text() or "$nvcc" in p.read_text()]
     if not cands:
         raise ToolError(
             f"no CUDA build found (no {repo}/build/temp.*/build.ninja with a cuda_compile rule). "
