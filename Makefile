@@ -5,6 +5,8 @@
 #   make demo      python -m demo
 #   make bench     python -m benchmarks
 #   make profile   python -m benchmarks.profile
+#   make sass      python -m benchmarks.sass: static SASS instruction budget of the CUDA kernels
+#                  for sm_90 (no GPU needed; nvcc + nvdisasm/cuobjdump, which torch's triton brings)
 #   make build     (re)build topk_distill/_C*.so in place; incremental (ninja)
 #   make setup     only the environment;  make clean (build outputs);  make distclean (+ .venv)
 #
@@ -22,6 +24,7 @@
 #   TORCH_CUDA_ARCH_LIST        default: the visible GPUs, else "8.0;9.0"
 #   MAX_JOBS                    parallel compile jobs (default 2)
 #   PYTEST_ARGS                 extra pytest arguments, e.g. PYTEST_ARGS="-k rkl -x"
+#   SASS_ARGS                   extra benchmarks.sass arguments, e.g. SASS_ARGS="--files shard_pass"
 #   CMAKE_TESTS=0               skip the CMake/CTest part of `make test`
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -39,6 +42,7 @@ MAX_JOBS ?= 2
 CMAKE ?= cmake
 CMAKE_TESTS ?= 1
 PYTEST_ARGS ?=
+SASS_ARGS ?=
 export TOPK_DISTILL_CUDA MAX_JOBS
 
 # The environment's bin/ first, so that its ninja (a pip package) is the one torch and
@@ -68,7 +72,7 @@ CMAKE_CUDA_OPT_1 := ON
 CMAKE_CUDA_OPT_0 := OFF
 CMAKE_CUDA_OPT := $(or $(CMAKE_CUDA_OPT_$(TOPK_DISTILL_CUDA)),AUTO)
 
-.PHONY: help setup build test test-python test-cpp demo bench profile clean distclean FORCE
+.PHONY: help setup build test test-python test-cpp demo bench profile sass clean distclean FORCE
 
 help:
 	@sed -n '1,/^SHELL/p' Makefile | sed '$$d' | sed 's/^# \{0,1\}//'
@@ -147,6 +151,10 @@ bench: build
 
 profile: build
 	$(PYTHON) -m benchmarks.profile
+
+# Reuses the nvcc flags of the build's ninja file, hence `build` first (incremental).
+sass: build
+	$(PYTHON) -m benchmarks.sass $(SASS_ARGS)
 
 clean:
 	rm -rf $(BUILD_DIR) topk_distill/_C*.so *.egg-info .pytest_cache .hypothesis
