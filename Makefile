@@ -5,6 +5,9 @@
 #   make demo      python -m demo
 #   make bench     python -m benchmarks
 #   make profile   python -m benchmarks.profile
+#   make gpu-check on a lent GPU machine: build for its GPU, CUDA tests, compute-sanitizer,
+#                  quick benchmark; summary + logs in GPU_CHECK_OUT (python -m benchmarks.gpu_check).
+#                  Uses PYTHON as it is (installs nothing): make gpu-check PYTHON=python3 GPU_CHECK_OUT=DIR
 #   make sass      python -m benchmarks.sass: static SASS instruction budget of the CUDA kernels
 #                  for sm_90 (no GPU needed; nvcc + nvdisasm/cuobjdump, which torch's triton brings)
 #   make build     (re)build topk_distill/_C*.so in place; incremental (ninja)
@@ -72,7 +75,7 @@ CMAKE_CUDA_OPT_1 := ON
 CMAKE_CUDA_OPT_0 := OFF
 CMAKE_CUDA_OPT := $(or $(CMAKE_CUDA_OPT_$(TOPK_DISTILL_CUDA)),AUTO)
 
-.PHONY: help setup build test test-python test-cpp demo bench profile sass clean distclean FORCE
+.PHONY: help setup build test test-python test-cpp demo bench profile sass gpu-check clean distclean FORCE
 
 help:
 	@sed -n '1,/^SHELL/p' Makefile | sed '$$d' | sed 's/^# \{0,1\}//'
@@ -151,6 +154,10 @@ bench: build
 
 profile: build
 	$(PYTHON) -m benchmarks.profile
+
+GPU_CHECK_OUT ?= benchmarks/results/gpu_check
+gpu-check:
+	$(PYTHON) -m benchmarks.gpu_check --out $(GPU_CHECK_OUT)
 
 # Reuses the nvcc flags of the build's ninja file, hence `build` first (incremental).
 sass: build

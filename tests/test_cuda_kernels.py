@@ -474,3 +474,30 @@ def test_results_are_bitwise_reproducible(dev):
         for x, y in zip(a, b):
             assert torch.equal(x, y)
         assert torch.equal(ops.backward(z, *rest), ops.backward(z, *rest))
+
+
+def test_environment_variable_routes_any_script_through_the_emulator(tmp_path):
+    """TOPK_DISTILL_EMULATE_CUDA=1 python script.py: the public API runs the CUDA kernels."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import torch, topk_distill as td\n"
+        "from topk_distill import _C\n"
+        "z = torch.randn(6, 300, requires_grad=True)\n"
+        "ids = torch.randint(0, 300, (6, 8))\n"
+        "lp = torch.log_softmax(torch.randn(6, 8), -1)\n"
+        "td.topk_distill_loss(z, ids, lp, loss='jsd').loss.backward()\n"
+        "print(td.ops.backend(), _C._emu_stats()['launches'])\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, TOPK_DISTILL_EMULATE_CUDA="1")
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["emulated_cuda", "3"]
+    env["TOPK_DISTILL_EMULATE_CUDA"] = "maybe"
+    bad = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and "TOPK_DISTILL_EMULATE_CUDA must be 0 or 1" in bad.stderr

@@ -12,10 +12,14 @@ import pytest
 import torch
 
 import topk_distill as td
-from topk_distill import reference
+from topk_distill import ops, reference
 
 from _dist_utils import run_distributed
-from _inputs import LOSSES, SUPPORTS, assert_close
+from _inputs import LOSSES, SUPPORTS, assert_close, emulated_cuda_ran
+
+# The fused path on CPU tensors: the CPU kernels, and the CUDA kernels under the CUDA emulator
+# (tests/conftest.py switches the backend for "cuda_emu").
+HOST_DEVICES = ["cpu", "cuda_emu"]
 
 ref = reference.topk_distill_loss
 GRAD_OUT = 1.7  # the incoming gradient: the backward must scale the stored gradients by it
@@ -75,7 +79,8 @@ SWEEP = list(itertools.product(LOSSES, SUPPORTS))
 
 
 @pytest.mark.parametrize("loss,support", SWEEP)
-def test_every_loss_and_support_matches_reference_and_unfused(loss, support):
+@pytest.mark.parametrize("device", HOST_DEVICES)
+def test_every_loss_and_support_matches_reference_and_unfused(loss, support, device):
     """fp64 against the float64 oracle, fp32 against the unfused kernels; the case index picks a
     chunk size (dividing N or not, 1, > N), a reduction, a clamp and a temperature."""
     i = SWEEP.index((loss, support))
@@ -92,8 +97,17 @@ def test_every_loss_and_support_matches_reference_and_unfused(loss, support):
           f"fp32 chunk={chunk}")
 
 
+def test_fused_linear_runs_the_emulated_cuda_kernels_per_chunk():
+    hidden, weight, bias, ids, lp = make_batch(13, 16, 50, 6, seed=3, dtype=torch.float32)
+    with ops.use_backend("emulated_cuda"), emulated_cuda_ran() as ran:
+        run_fused(hidden, weight, bias, ids, lp, chunk_size=5)
+    # 3 chunks x (shard pass, epilogue, in-place backward)
+    assert ran()["launches"] == 9, ran()
+
+
 @pytest.mark.parametrize("chunk_size", [1, 7, 10, 30, 31, 1000, None])
-def test_chunk_sizes_and_leading_dims(chunk_size):
+@pytest.mark.parametrize("device", HOST_DEVICES)
+def test_chunk_sizes_and_leading_dims(chunk_size, device):
     """N = 30 rows given as [2, 3, 5, H]; chunk sizes that divide N, do not, 1 and > N."""
     hidden, weight, bias, ids, lp = make_batch(30, 24, 41, 5, seed=1)
     hidden, ids, lp = hidden.view(2, 3, 5, 24), ids.view(2, 3, 5, 5), lp.view(2, 3, 5, 5)
@@ -106,7 +120,8 @@ def test_chunk_sizes_and_leading_dims(chunk_size):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_mask_and_reductions(reduction):
+@pytest.mark.parametrize("device", HOST_DEVICES)
+def test_mask_and_reductions(reduction, device):
     hidden, weight, bias, ids, lp = make_batch(19, 16, 37, 4, seed=2)
     mask = torch.rand(19, generator=torch.Generator().manual_seed(3)) > 0.4
     kw = dict(loss="jsd", support="renorm", mask=mask, reduction=reduction, chunk_size=6)
@@ -256,8 +271,9 @@ TP_CASES = [dict(loss="jsd", support="tail", chunk_size=4),
                  check_inputs=False)]
 
 
-def _tp_worker(rank, world_size, cases):
+def _tp_worker(rank, world_size, cases, backend="native"):
     import torch.distributed as dist
+    ops.set_backend(backend)
     group = dist.group.WORLD
     hidden, weight, bias, ids, lp = make_batch(11, 12, sum(TP_WIDTHS), 5, seed=10)
     lo = sum(TP_WIDTHS[:rank])
@@ -272,8 +288,9 @@ def _tp_worker(rank, world_size, cases):
     return results, error
 
 
-def test_tensor_parallel_uneven_shards_match_unsharded():
-    per_rank = run_distributed(_tp_worker, world_size=2, args=(TP_CASES,), deadline_s=180)
+@pytest.mark.parametrize("backend", ["native", "emulated_cuda"])
+def test_tensor_parallel_uneven_shards_match_unsharded(backend):
+    per_rank = run_distributed(_tp_worker, world_size=2, args=(TP_CASES, backend), deadline_s=180)
     batch = make_batch(11, 12, sum(TP_WIDTHS), 5, seed=10)
     for i, kw in enumerate(TP_CASES):
         exp = run_unfused(ref, *batch, **kw)

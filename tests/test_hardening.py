@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import topk_distill as td
-from topk_distill import reference
+from topk_distill import ops, reference
 
 from _inputs import LOSSES, SUPPORTS, assert_close, teacher_batch, tolerances
 
@@ -42,6 +42,12 @@ INF, NAN = math.inf, math.nan
 PROPERTY = settings(derandomize=True, deadline=None, max_examples=120, database=None,
                     print_blob=True, suppress_health_check=[HealthCheck.too_slow,
                                                             HealthCheck.data_too_large])
+
+
+# The kernel-backed API on CPU tensors, through the CPU kernels and through the CUDA kernels under
+# the CUDA emulator (topk_distill.ops backends): the tests below that take `backend` run both.
+BACKENDS = ["native", "emulated_cuda"]
+EMULATED_PROPERTY = settings(PROPERTY, max_examples=40)
 
 
 def _has_cuda_kernels() -> bool:
@@ -338,6 +344,20 @@ def test_property_kernel_matches_oracle(c):
     compare_case(c)
 
 
+@EMULATED_PROPERTY
+@given(c=cases())
+def test_property_emulated_cuda_kernels_match_oracle(c):
+    with ops.use_backend("emulated_cuda"):
+        compare_case(c)
+
+
+@EMULATED_PROPERTY
+@given(c=cases())
+def test_property_emulated_inplace_backward_on_views_touches_only_the_view(c):
+    with ops.use_backend("emulated_cuda"):
+        _inplace_backward_on_views_touches_only_the_view(c)
+
+
 @PROPERTY
 @given(c=cases())
 def test_property_without_checks_matches_with_checks(c):
@@ -352,6 +372,10 @@ def test_property_without_checks_matches_with_checks(c):
 @settings(derandomize=True, deadline=None, max_examples=60, database=None)
 @given(c=cases())
 def test_property_inplace_backward_on_views_touches_only_the_view(c):
+    _inplace_backward_on_views_touches_only_the_view(c)
+
+
+def _inplace_backward_on_views_touches_only_the_view(c):
     """inplace_backward=True writes the gradient into the logits' storage - and nowhere else."""
     base, ids, lp, mask = build_case(c)
     n, v = c["n"], c["v"]
@@ -393,7 +417,8 @@ def _non_finite_cases():
 @pytest.mark.parametrize("name,z,ids,lp,kw", list(_non_finite_cases()),
                          ids=[c[0] for c in _non_finite_cases()])
 @pytest.mark.parametrize("dtype", [F32, F64])
-def test_kernel_gives_non_finite_rows_an_all_nan_gradient(name, z, ids, lp, kw, dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_gives_non_finite_rows_an_all_nan_gradient(name, z, ids, lp, kw, dtype, backend):
     leaf = z.to(dtype).requires_grad_(True)
     out = td.topk_distill_loss(leaf, ids, lp, reduction="none", **kw)
     (g,) = torch.autograd.grad(out.loss.sum(), leaf)
@@ -651,7 +676,9 @@ INVALID_IDS = [("V", torch.int64, None), ("V+1", torch.int32, None), ("int32-max
 @pytest.mark.parametrize("name,ids_dtype,bad", INVALID_IDS, ids=[i[0] for i in INVALID_IDS])
 @pytest.mark.parametrize("logits_dtype", [F32, BF16, F64])
 @pytest.mark.parametrize("support", SUPPORTS)
-def test_invalid_ids_without_checks_poison_only_their_row(name, ids_dtype, bad, logits_dtype, support):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_invalid_ids_without_checks_poison_only_their_row(name, ids_dtype, bad, logits_dtype, support,
+                                                         backend):
     n, v, k = 6, 37, 5
     z, ids, lp = teacher_batch(n, v, k, seed=31, special_rows=False, logits_dtype=logits_dtype)
     bad = {"V": v, "V+1": v + 1}.get(name, bad)
@@ -716,7 +743,8 @@ def test_negative_ids_of_any_size_are_padding(neg):
         assert torch.equal(a.loss, b.loss)
 
 
-def test_invalid_ids_inplace_backward_writes_only_inside_the_rows():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_invalid_ids_inplace_backward_writes_only_inside_the_rows(backend):
     """check_inputs=False + inplace_backward on a row-strided view: the gradient goes into the
     view's own elements; the NaN sentinels around it stay untouched."""
     n, v, k = 5, 70, 6
@@ -732,7 +760,8 @@ def test_invalid_ids_inplace_backward_writes_only_inside_the_rows():
     assert torch.isnan(leaf.grad[[1, 3]]).all() and torch.isfinite(leaf.grad[[0, 2, 4]]).all()
 
 
-def test_non_finite_logits_poison_only_their_row():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_logits_poison_only_their_row(backend):
     z, ids, lp = teacher_batch(5, 40, 4, seed=34, special_rows=False, logits_dtype=F32)
     z[1, 7], z[3, 0] = NAN, INF
     leaf = z.clone().requires_grad_(True)

@@ -30,11 +30,11 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 
 import topk_distill as td  # noqa: E402
-from topk_distill import parallel, reference  # noqa: E402
+from topk_distill import ops, parallel, reference  # noqa: E402
 
 from _dist_utils import run_distributed  # noqa: E402
 from _inputs import (LOSSES, SUPPORTS, assert_close, assert_close_rowwise,  # noqa: E402
-                     teacher_batch)
+                     emulated_cuda_ran, tdev, teacher_batch)
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -174,9 +174,9 @@ def _values(groups, device="cpu"):
             widths, starts = split["widths"], _starts(split)
             z, ids, lp = _batch(size, si)
             lo = starts[grank]
-            x = z[:, lo:lo + widths[grank]].to(device=device, dtype=getattr(torch, dtype_name))
+            x = z[:, lo:lo + widths[grank]].to(device=tdev(device), dtype=getattr(torch, dtype_name))
             results[case] = _call(
-                td.topk_distill_loss, x, ids.to(device), lp.to(device), CONFIGS[ci],
+                td.topk_distill_loss, x, ids.to(tdev(device)), lp.to(tdev(device)), CONFIGS[ci],
                 tp_group=group.group_name if split.get("group") == "name" else group,
                 vocab_start=lo if "starts" in split else None,
                 check_inputs=(i % 2 == 0))  # both the checked and the cached-layout path
@@ -462,6 +462,12 @@ def _disagreement_check(group):
 
 def _worker(rank, world, device="cpu"):
     groups = _make_groups(rank, world)
+    if device == "cuda_emu":  # every rank runs the CUDA kernels under the CUDA emulator
+        ops.set_backend("emulated_cuda")
+        with emulated_cuda_ran() as ran:
+            out = {"values": _values(groups, device)}
+        out["emulator"] = ran()
+        return out
     out = {"values": _values(groups, device)}
     if device != "cpu" or world != WORLD:
         return out
@@ -477,26 +483,31 @@ def _worker(rank, world, device="cpu"):
     return out
 
 
-_LAUNCH = []
+_LAUNCHES = {}
 
 
-def launch():
-    """The one launch, shared by the tests (if it failed, each of them re-raises its error)."""
-    if not _LAUNCH:
+def launch(device="cpu"):
+    """The one launch per device ("cpu": the CPU kernels; "cuda_emu": the CUDA kernels under the
+    emulator), shared by the tests (if it failed, each of them re-raises its error)."""
+    if device not in _LAUNCHES:
         try:
-            _LAUNCH.append(run_distributed(_worker, WORLD, timeout_s=180.0, deadline_s=360.0))
+            _LAUNCHES[device] = run_distributed(_worker, WORLD, args=(device,), timeout_s=180.0,
+                                                deadline_s=600.0)
         except BaseException as err:  # noqa: BLE001 - remembered, re-raised by every user
-            _LAUNCH.append(err)
-    if isinstance(_LAUNCH[0], BaseException):
-        raise _LAUNCH[0]
-    return _LAUNCH[0]
+            _LAUNCHES[device] = err
+    if isinstance(_LAUNCHES[device], BaseException):
+        raise _LAUNCHES[device]
+    return _LAUNCHES[device]
 
 
 def _expected(size, si, ci, dtype_name, device="cpu"):
     """(unsharded kernel call, float64 reference) for a case."""
     z, ids, lp = _batch(size, si)
     x = z.to(getattr(torch, dtype_name))
-    kernel = _call(td.topk_distill_loss, x.to(device), ids.to(device), lp.to(device), CONFIGS[ci])
+    backend = "emulated_cuda" if device == "cuda_emu" else "native"
+    with ops.use_backend(backend):
+        d = tdev(device)
+        kernel = _call(td.topk_distill_loss, x.to(d), ids.to(d), lp.to(d), CONFIGS[ci])
     oracle = _call(ref, x.double(), ids, lp, CONFIGS[ci])
     return kernel, oracle
 
@@ -540,6 +551,16 @@ def _check_values(results, size, world=WORLD, device="cpu"):
 def test_every_loss_support_clamp_matches_unsharded_and_reference_on_uneven_splits(size):
     results = launch()
     checked = _check_values(results, size)
+    assert checked == len(_cases(size)) * size * len(tp_groups(WORLD)[size])
+
+
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_emulated_cuda_kernels_under_tp_match_unsharded_and_reference(size):
+    """The same cases with every rank running the CUDA kernels under the CUDA emulator."""
+    results = launch("cuda_emu")
+    for rank in range(WORLD):
+        assert results[rank]["emulator"]["launches"] > 0, results[rank]["emulator"]
+    checked = _check_values(results, size, device="cuda_emu")
     assert checked == len(_cases(size)) * size * len(tp_groups(WORLD)[size])
 
 

@@ -91,11 +91,17 @@ PendingLaunch<Kernel> make_launch(const char* name, Dim3 grid, Dim3 block, size_
                                   unsigned max_threads, Kernel* kernel) {
   return {{name, grid, block, smem, max_threads}, kernel};
 }
+template <typename Kernel, typename Stream>
+PendingLaunch<Kernel> make_launch(const char* name, Dim3 grid, Dim3 block, size_t smem,
+                                  Stream /* no streams: launches run to completion */,
+                                  unsigned max_threads, Kernel* kernel) {
+  return make_launch(name, grid, block, smem, max_threads, kernel);
+}
 }  // namespace td_emu
 
 #define TD_LAUNCH(grid, block, smem, stream, max_threads, ...)                              \
   ::td_emu::make_launch(#__VA_ARGS__, ::td_emu::Dim3(grid), ::td_emu::Dim3(block), (smem), \
-                        (max_threads), &__VA_ARGS__)
+                        (stream), (max_threads), &__VA_ARGS__)
 
 #else  // nvcc
 
