@@ -421,10 +421,10 @@ def check_data(teacher_ids, teacher_logprobs, vocab_size, mask=None, *, labels=N
 
     Only entries that count are checked: padding entries (id < 0), ignored labels (< 0) and
     masked rows are ignored everywhere else, so their contents may be anything.
-      * an id >= ``vocab_size`` (the full vocab V, all shards)  -> ValueError naming teacher_ids
-      * a label >= ``vocab_size``                               -> ValueError naming labels
-      * a NaN teacher log-prob with ``missing_teacher="error"``, or one > 0 (-inf is fine)
-                                                                -> ValueError naming teacher_logprobs
+      * an id >= ``vocab_size`` (the full vocab V, all shards): ValueError naming teacher_ids
+      * a label >= ``vocab_size``: ValueError naming labels
+      * a NaN teacher log-prob (with ``missing_teacher="error"`` only) or one > 0 (-inf is
+        fine): ValueError naming teacher_logprobs
     Under tensor parallelism the same facts travel in the layout all_gather instead
     (``parallel.resolve_layout(..., data=...)``), so that every rank raises, not just the one
     whose copy of the teacher tensors is bad.
