@@ -794,3 +794,24 @@ def test_tensor_parallel_new_outputs_match_unsharded(world_size):
         assert errors[1].startswith("student_topk must be <= the vocab size V=11")
         assert errors[2].startswith("k must be <= the vocab size V=11")
     assert "on rank" in results[0][1][0] and "on rank" not in results[-1][1][0]
+
+
+def test_a_logit_of_minus_inf_is_a_column_of_probability_zero():
+    """A -inf logit that is no teacher id behaves as if its column were not in the vocab (and
+    gets gradient 0); every other output agrees too."""
+    z, ids, lp = make_inputs(n=5, v=9, k=4, seed=17)
+    z[:, 8] = -INF
+    ids = torch.where(ids == 8, -1, ids)  # column 8 is nobody's teacher id
+    labels = torch.tensor([0, 3, -1, 7, 2])
+    kw = dict(labels=labels, return_entropy=True, student_topk=3, reduction="none")
+    for loss, support in itertools.product(LOSSES, SUPPORTS):
+        z1, z2 = z.clone().requires_grad_(), z[:, :8].clone().requires_grad_()
+        a = ref(z1, ids, lp, loss=loss, support=support, **kw)
+        b = ref(z2, ids, lp, loss=loss, support=support, **kw)
+        for name in TopKDistillOutput._fields:
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-13, atol=1e-15,
+                                       msg=f"{loss} {support} {name}")
+        ga = grad_of(a.loss + a.label_logprobs + a.entropy, z1)
+        gb = grad_of(b.loss + b.label_logprobs + b.entropy, z2)
+        assert (ga[:, 8] == 0).all()
+        torch.testing.assert_close(ga[:, :8], gb, rtol=1e-12, atol=1e-14)
