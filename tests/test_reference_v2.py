@@ -641,7 +641,7 @@ def _with(**kw):
 BAD = [
     # (what, exception, the start of the message: the argument's name)
     (_with(loss=[]), ValueError, "loss must be a loss name or a non-empty sequence"),
-    (_with(loss=3), TypeError, "loss must be a loss name"),
+    (_with(loss=3), TypeError, "loss must be a str, one of"),
     (_with(loss=[("fkl", "topk", INF)]), ValueError, "loss[0].weight"),
     (_with(loss=[("fkl",), ("rkl", "topk", NAN)]), ValueError, "loss[1].weight"),
     (_with(loss=[("fkl", "topk", "1")]), TypeError, "loss[0].weight"),

@@ -152,8 +152,8 @@ def _terms(loss, support, beta, rkl_ratio, skew):
                                               ("rkl_ratio", rkl_ratio), ("skew", skew))
              if value is not UNSET}
     if not isinstance(loss, Sequence):  # not a str, not a list: neither form
-        raise TypeError(f"loss must be a loss name (str, one of {LOSSES}) or a sequence of "
-                        f"td.Term / (loss, support, weight) tuples; got {type(loss).__name__}")
+        raise TypeError(f"loss must be a str, one of {LOSSES}, or a sequence of td.Term / "
+                        f"(loss, support, weight) tuples; got {type(loss).__name__}")
     if isinstance(loss, str):
         loss = _choice("loss", loss, LOSSES)
         kw = {**DEFAULTS, **given}
