@@ -9,7 +9,7 @@ next to the analytic model:
 
     forward, per rank:  all_reduce(MAX) of the row max          N * 4 bytes
                         all_reduce(SUM) of [sums(3) | gathered(K)] N * (3 + K) * 4 bytes
-                        check_inputs=True: all_gather of (N, K, V_r, vocab_start, 3 data facts)  7 * 8 bytes
+                        check_inputs=True: all_gather of (N, K, V_r, vocab_start, 4 data facts)  8 * 8 bytes
     backward:           nothing
 
 (the accumulation dtype is fp32 for fp32 / bf16 / fp16 logits). On the wire a ring all-reduce of
