@@ -407,8 +407,12 @@ def _non_finite_cases():
     z = torch.tensor([[0.3, -1.0, 2.0, 0.5, -0.2], [0.1, 0.2, -0.3, 1.0, 0.0]], dtype=F64)
     yield ("renorm-zero-mass-teacher", z, torch.tensor([[0, 1], [2, 3]]),
            torch.tensor([[-INF, -INF], [-1.0, -2.0]], dtype=F64), dict(support="renorm"))
-    # tail: every column is a teacher id, so q_tail = 0 exactly, against p_tail = 1 - P = 1.
-    yield ("tail-zero-student-tail", z, torch.tensor([[0, 1, 2, 3, 4], [0, 1, 2, 3, -1]]),
+    # tail: the one column outside the teacher's ids has student probability 0 (logit -inf), so
+    # q_tail = 0 exactly, against p_tail = 1 - P = 1 (DECISIONS 25). (A row whose ids cover every
+    # column has no tail bin at all and is finite, DECISIONS 20.)
+    zt = z.clone()
+    zt[0, 4] = -INF
+    yield ("tail-zero-student-tail", zt, torch.tensor([[0, 1, 2, 3, -1], [0, 1, 2, 3, -1]]),
            torch.tensor([[-INF] * 5, [-3.0] * 5], dtype=F64), dict(support="tail"))
     yield ("rkl-zero-teacher-prob", z, torch.tensor([[0, 1], [2, 3]]),
            torch.tensor([[-INF, -1.0], [-1.0, -2.0]], dtype=F64), dict(loss="rkl"))

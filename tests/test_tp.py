@@ -718,7 +718,7 @@ def test_communication_bytes_model():
     assert parallel.communication_bytes(1000, 64, 8, check_inputs=False) == dict(
         all_reduce_max=4000, all_reduce_sum=1000 * 67 * 4, collectives=2)
     assert parallel.communication_bytes(1000, 64, 8, acc_bytes=8) == dict(
-        all_reduce_max=8000, all_reduce_sum=1000 * 67 * 8, all_gather_check=56, collectives=3)
+        all_reduce_max=8000, all_reduce_sum=1000 * 67 * 8, all_gather_check=64, collectives=3)
 
 
 def test_tp_group_type_error_and_integrations_import_without_megatron():

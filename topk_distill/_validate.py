@@ -8,6 +8,12 @@ argument. Both code paths call these functions, so they raise identical errors.
 * :func:`validate_tensors` - shapes, dtypes, devices (metadata only, no host sync).
 * :func:`validate_args` - both of the above, returned as one :class:`Args` tuple.
 * :func:`check_data` - the ``check_inputs=True`` data checks: ONE host sync for all of them.
+* :func:`validate_k` / :func:`check_k_fits` - the ``k`` of the student's own top-k (SPEC 9.4).
+
+``support`` / ``beta`` / ``rkl_ratio`` / ``skew`` default to the sentinel :data:`UNSET`, so that
+passing any of them beside a term list can be told from not passing it (SPEC 9.3); with a single
+loss name UNSET resolves to the documented defaults ``"topk"``, 0.5, 0.1, 0.1. Plain values are
+accepted as before.
 
 The tensor-parallel shard layout (and its cross-rank N / K / vocab_start checks) lives in ONE place,
 :func:`topk_distill.parallel.resolve_layout`, used by the kernel API and the reference alike.
@@ -16,32 +22,65 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple, Optional, Tuple
+from collections.abc import Sequence
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
+
+from ._types import Term
 
 LOSSES = ("fkl", "rkl", "jsd", "fkl+rkl", "tvd", "skl", "srkl")
 SUPPORTS = ("topk", "renorm", "tail")
 REDUCTIONS = ("mean", "sum", "none")
+MISSING_TEACHER = ("error", "drop", "floor")
+
+
+class _Unset:
+    """Type of :data:`UNSET`: "this keyword was not passed"."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __reduce__(self):  # pickles (e.g. to a spawned process) as the same singleton
+        return "UNSET"
+
+
+#: Default of ``support`` / ``beta`` / ``rkl_ratio`` / ``skew``: not passed (see the module doc).
+UNSET = _Unset()
+
+#: What UNSET means beside a single loss name (SPEC 8).
+DEFAULTS = {"support": "topk", "beta": 0.5, "rkl_ratio": 0.1, "skew": 0.1}
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 ID_DTYPES = (torch.int32, torch.int64)
 
 
 class Options(NamedTuple):
-    """Normalised scalar keywords (floats are Python floats)."""
+    """Normalised scalar keywords (floats are Python floats).
 
-    loss: str
-    support: str
-    beta: float
-    rkl_ratio: float
-    skew: float
+    ``terms`` is the loss as a tuple of :class:`Term` (weights and parameters normalised to
+    floats): one term of weight 1.0 for a single loss name. ``loss`` / ``support`` / ``beta`` /
+    ``rkl_ratio`` / ``skew`` are the single name's values (the old fields, unchanged); for a term
+    list ``loss`` is the same tuple as ``terms`` and the other four are ``None``.
+    """
+
+    loss: Union[str, Tuple[Term, ...]]
+    support: Optional[str]
+    beta: Optional[float]
+    rkl_ratio: Optional[float]
+    skew: Optional[float]
     temperature: float
     t2_scale: bool
     log_prob_min_clamp: Optional[float]
     reduction: str
     inplace_backward: bool
     check_inputs: bool
+    terms: Tuple[Term, ...] = ()
+    return_entropy: bool = False
+    student_topk: Optional[int] = None
+    missing_teacher: str = "error"
 
 
 class Shapes(NamedTuple):
@@ -83,28 +122,109 @@ def _unit_interval(name, value):
     return v
 
 
-def validate_options(*, loss="fkl", support="topk", beta=0.5, rkl_ratio=0.1, skew=0.1,
-                     temperature=1.0, t2_scale=False, log_prob_min_clamp=None,
-                     reduction="mean", inplace_backward=False, check_inputs=True) -> Options:
-    """Check the scalar keywords; return them normalised. Pure Python, no tensors."""
-    loss = _choice("loss", loss, LOSSES)
-    support = _choice("support", support, SUPPORTS)
-    reduction = _choice("reduction", reduction, REDUCTIONS)
-    # Checked whatever the loss: a wrong value is never silently ignored or clamped.
-    beta = _unit_interval("beta", beta)
-    rkl_ratio = _unit_interval("rkl_ratio", rkl_ratio)
-    skew = _unit_interval("skew", skew)
+def _term(i, item) -> Term:
+    """One entry of a term list, normalised (argument names ``loss[i]``, ``loss[i].weight``...)."""
+    where = f"loss[{i}]"
+    if not isinstance(item, (tuple, list)):
+        hint = (' (a single term is written loss=[("fkl", "topk", 0.9)] or '
+                'td.Term("fkl", "topk", 0.9))' if isinstance(item, str) else "")
+        raise TypeError(f"{where} must be a td.Term or a tuple (loss, support, weight); got "
+                        f"{type(item).__name__}{hint}")
+    if not 1 <= len(item) <= len(Term._fields):
+        raise ValueError(f"{where} must be a td.Term or a tuple (loss, support, weight) with 1 to "
+                         f"{len(Term._fields)} entries {Term._fields}; got {len(item)} entries")
+    t = Term(*item)
+    weight = _real(f"{where}.weight", t.weight)
+    if not math.isfinite(weight):
+        raise ValueError(f"{where}.weight must be a finite real number; got {t.weight!r}")
+    return Term(_choice(f"{where}.loss", t.loss, LOSSES),
+                _choice(f"{where}.support", t.support, SUPPORTS),
+                weight,
+                _unit_interval(f"{where}.beta", t.beta),
+                _unit_interval(f"{where}.rkl_ratio", t.rkl_ratio),
+                _unit_interval(f"{where}.skew", t.skew))
+
+
+def _terms(loss, support, beta, rkl_ratio, skew):
+    """``loss`` (a name or a term list) and the four per-loss keywords -> (loss, support, beta,
+    rkl_ratio, skew, terms), see :class:`Options`."""
+    given = {name: value for name, value in (("support", support), ("beta", beta),
+                                              ("rkl_ratio", rkl_ratio), ("skew", skew))
+             if value is not UNSET}
+    if not isinstance(loss, Sequence):  # not a str, not a list: neither form
+        raise TypeError(f"loss must be a str, one of {LOSSES}, or a sequence of td.Term / "
+                        f"(loss, support, weight) tuples; got {type(loss).__name__}")
+    if isinstance(loss, str):
+        loss = _choice("loss", loss, LOSSES)
+        kw = {**DEFAULTS, **given}
+        support = _choice("support", kw["support"], SUPPORTS)
+        # Checked whatever the loss: a wrong value is never silently ignored or clamped.
+        beta = _unit_interval("beta", kw["beta"])
+        rkl_ratio = _unit_interval("rkl_ratio", kw["rkl_ratio"])
+        skew = _unit_interval("skew", kw["skew"])
+        term = Term(loss, support, 1.0, beta, rkl_ratio, skew)
+        return loss, support, beta, rkl_ratio, skew, (term,)
+    if isinstance(loss, Term):  # one Term on its own: a one-term list
+        loss = [loss]
+    if len(loss) == 0:
+        raise ValueError("loss must be a loss name or a non-empty sequence of td.Term / "
+                         "(loss, support, weight) tuples; got an empty sequence")
+    if given:
+        raise ValueError(f"{', '.join(given)} cannot be passed beside a term list (loss=[...]): "
+                         f"each td.Term carries its own support, beta, rkl_ratio and skew")
+    terms = tuple(_term(i, item) for i, item in enumerate(loss))
+    return terms, None, None, None, None, terms
+
+
+def validate_k(name, k) -> int:
+    """The ``k`` of the student's own top-k: an int >= 1 (``k <= V`` is :func:`check_k_fits`)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 1; got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"{name} must be an int >= 1; got {k}")
+    return int(k)
+
+
+def check_k_fits(name, k, vocab_size) -> None:
+    """``k <= V``, once the full vocab size V (all shards) is known."""
+    if k > vocab_size:
+        raise ValueError(f"{name} must be <= the vocab size V={vocab_size} (all shards); got {k}")
+
+
+def validate_temperature(temperature) -> float:
+    """``temperature``: a finite real number > 0."""
     temperature = _real("temperature", temperature)
     if not (math.isfinite(temperature) and temperature > 0.0):
         raise ValueError(f"temperature must be finite and > 0; got {temperature!r}")
+    return temperature
+
+
+def validate_options(*, loss="fkl", support=UNSET, beta=UNSET, rkl_ratio=UNSET, skew=UNSET,
+                     temperature=1.0, t2_scale=False, log_prob_min_clamp=None,
+                     reduction="mean", inplace_backward=False, check_inputs=True,
+                     return_entropy=False, student_topk=None, missing_teacher="error") -> Options:
+    """Check the scalar keywords; return them normalised. Pure Python, no tensors.
+
+    ``loss`` is a loss name or a non-empty sequence of :class:`Term` / tuples (SPEC 9.3);
+    ``support`` / ``beta`` / ``rkl_ratio`` / ``skew`` beside a term list are a ValueError."""
+    loss, support, beta, rkl_ratio, skew, terms = _terms(loss, support, beta, rkl_ratio, skew)
+    reduction = _choice("reduction", reduction, REDUCTIONS)
+    temperature = validate_temperature(temperature)
     if log_prob_min_clamp is not None:
         log_prob_min_clamp = _real("log_prob_min_clamp", log_prob_min_clamp)
         if not (log_prob_min_clamp <= 0.0):  # also rejects NaN; -inf is allowed (no-op clamp)
             raise ValueError(f"log_prob_min_clamp must be None or a log-prob <= 0 (not NaN); "
                              f"got {log_prob_min_clamp!r}")
+    if student_topk is not None:
+        student_topk = validate_k("student_topk", student_topk)
+    missing_teacher = _choice("missing_teacher", missing_teacher, MISSING_TEACHER)
+    if missing_teacher == "floor" and log_prob_min_clamp is None:
+        raise ValueError('missing_teacher="floor" puts log_prob_min_clamp in place of a missing '
+                         'teacher log-prob, so log_prob_min_clamp must be set; got None')
     return Options(loss, support, beta, rkl_ratio, skew, temperature,
                    _flag("t2_scale", t2_scale), log_prob_min_clamp, reduction,
-                   _flag("inplace_backward", inplace_backward), _flag("check_inputs", check_inputs))
+                   _flag("inplace_backward", inplace_backward), _flag("check_inputs", check_inputs),
+                   terms, _flag("return_entropy", return_entropy), student_topk, missing_teacher)
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -121,7 +241,7 @@ def _dtype(name, t, allowed):
 
 
 def validate_tensors(logits, teacher_ids, teacher_logprobs, mask=None, *,
-                     tp_group=None, vocab_start=None) -> Shapes:
+                     tp_group=None, vocab_start=None, labels=None) -> Shapes:
     """Check shapes, dtypes and devices (metadata only: no host sync)."""
     _tensor("logits", logits)
     _tensor("teacher_ids", teacher_ids)
@@ -149,10 +269,26 @@ def validate_tensors(logits, teacher_ids, teacher_logprobs, mask=None, *,
         if tuple(mask.shape) != lead:
             raise ValueError(f"mask must have the leading shape of logits {list(lead)}; "
                              f"got {list(mask.shape)}")
-    for name, t in (("teacher_ids", teacher_ids), ("teacher_logprobs", teacher_logprobs), ("mask", mask)):
+    if labels is not None:
+        _tensor("labels", labels)
+        _dtype("labels", labels, ID_DTYPES)
+        if tuple(labels.shape) != lead:
+            raise ValueError(f"labels must have the leading shape of logits {list(lead)}; "
+                             f"got {list(labels.shape)}")
+    for name, t in (("teacher_ids", teacher_ids), ("teacher_logprobs", teacher_logprobs),
+                    ("mask", mask), ("labels", labels)):
         if t is not None and t.device != logits.device:
             raise ValueError(f"{name} is on {t.device} but logits is on {logits.device}; "
                              f"all tensors must be on the same device")
+    validate_vocab_start(tp_group, vocab_start)
+    n = 1
+    for d in lead:
+        n *= d
+    return Shapes(lead, n, v_r, k)
+
+
+def validate_vocab_start(tp_group, vocab_start) -> None:
+    """``vocab_start``: None, or an int >= 0 (only 0 without a ``tp_group``)."""
     if vocab_start is not None:
         if isinstance(vocab_start, bool) or not isinstance(vocab_start, numbers.Integral):
             raise TypeError(f"vocab_start must be None or an int; got {type(vocab_start).__name__}")
@@ -161,27 +297,39 @@ def validate_tensors(logits, teacher_ids, teacher_logprobs, mask=None, *,
         if tp_group is None and vocab_start != 0:
             raise ValueError(f"vocab_start={vocab_start} needs a tp_group (without one the logits "
                              f"hold the whole vocab and vocab_start must be None or 0)")
-    n = 1
-    for d in lead:
-        n *= d
-    return Shapes(lead, n, v_r, k)
+
+
+def validate_logits(logits) -> Tuple[Tuple[int, ...], int, int]:
+    """``logits`` alone (e.g. for ``student_topk``): ``(leading shape, N, V_r)``."""
+    _tensor("logits", logits)
+    _dtype("logits", logits, FLOAT_DTYPES)
+    if logits.dim() < 1:
+        raise ValueError("logits must have shape [..., V]; got a 0-d tensor")
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have a non-empty vocab dimension; got V = 0")
+    lead = tuple(logits.shape[:-1])
+    return lead, math.prod(lead), logits.shape[-1]
 
 
 class Args(NamedTuple):
     """Everything :func:`validate_args` normalises: the :class:`Options` fields, then the
     :class:`Shapes` fields (``args.temperature``, ``args.n_rows``, ...)."""
 
-    loss: str
-    support: str
-    beta: float
-    rkl_ratio: float
-    skew: float
+    loss: Union[str, Tuple[Term, ...]]
+    support: Optional[str]
+    beta: Optional[float]
+    rkl_ratio: Optional[float]
+    skew: Optional[float]
     temperature: float
     t2_scale: bool
     log_prob_min_clamp: Optional[float]
     reduction: str
     inplace_backward: bool
     check_inputs: bool
+    terms: Tuple[Term, ...]
+    return_entropy: bool
+    student_topk: Optional[int]
+    missing_teacher: str
     lead_shape: Tuple[int, ...]
     n_rows: int
     local_vocab: int
@@ -192,60 +340,96 @@ class Args(NamedTuple):
         return Options(*self[:len(Options._fields)])
 
 
-def validate_args(logits, teacher_ids, teacher_logprobs, *, loss="fkl", support="topk",
-                  beta=0.5, rkl_ratio=0.1, skew=0.1, temperature=1.0, t2_scale=False,
+assert Args._fields == Options._fields + Shapes._fields
+
+
+def validate_args(logits, teacher_ids, teacher_logprobs, *, loss="fkl", support=UNSET,
+                  beta=UNSET, rkl_ratio=UNSET, skew=UNSET, temperature=1.0, t2_scale=False,
                   log_prob_min_clamp=None, mask=None, reduction="mean", tp_group=None,
-                  vocab_start=None, inplace_backward=False, check_inputs=True) -> Args:
-    """All host-side checks of a ``topk_distill_loss`` call (no host sync, no collective)."""
+                  vocab_start=None, inplace_backward=False, check_inputs=True, labels=None,
+                  return_entropy=False, student_topk=None, missing_teacher="error") -> Args:
+    """All host-side checks of a ``topk_distill_loss`` call (no host sync, no collective).
+    ``student_topk <= V`` needs the full vocab size: :func:`check_k_fits` once it is known."""
     opts = validate_options(loss=loss, support=support, beta=beta, rkl_ratio=rkl_ratio, skew=skew,
                             temperature=temperature, t2_scale=t2_scale,
                             log_prob_min_clamp=log_prob_min_clamp, reduction=reduction,
-                            inplace_backward=inplace_backward, check_inputs=check_inputs)
+                            inplace_backward=inplace_backward, check_inputs=check_inputs,
+                            return_entropy=return_entropy, student_topk=student_topk,
+                            missing_teacher=missing_teacher)
     shapes = validate_tensors(logits, teacher_ids, teacher_logprobs, mask,
-                              tp_group=tp_group, vocab_start=vocab_start)
+                              tp_group=tp_group, vocab_start=vocab_start, labels=labels)
     return Args(*opts, *shapes)
 
 
 # ----------------------------------------------------------------------------- data
 
-def data_flags(teacher_ids, teacher_logprobs, mask=None):
+def data_flags(teacher_ids, teacher_logprobs, mask=None, *, labels=None,
+               missing_teacher="error"):
     """The ``check_inputs`` data facts as a device tensor, no host sync: ``[largest id that
-    counts (-1 if none), any NaN log-prob, any log-prob > 0]`` (int64). Padding entries (id < 0)
-    and masked rows are ignored everywhere else, so their contents may be anything."""
+    counts (-1 if none), any NaN log-prob (only with missing_teacher="error"), any log-prob > 0,
+    largest label that counts (-1 if none or no labels)]`` (4 int64). Padding entries (id < 0),
+    ignored labels (< 0) and masked rows are ignored everywhere else, so their contents may be
+    anything. ``labels`` has the shape of ``mask`` (the rows)."""
     counted = teacher_ids >= 0
     if mask is not None:
         counted = counted & mask.unsqueeze(-1)
     lp = teacher_logprobs
-    largest = torch.where(counted, teacher_ids.long(), -1)
-    largest = largest.max() if largest.numel() else torch.tensor(-1, device=teacher_ids.device)
-    return torch.stack([largest.reshape(()),
-                        (counted & torch.isnan(lp)).any().long(),
-                        (counted & (lp > 0)).any().long()])
+    nan_lp = (counted & torch.isnan(lp)).any().long()
+    if missing_teacher != "error":  # NaN marks an entry the teacher did not score (SPEC 9.5)
+        nan_lp = torch.zeros_like(nan_lp)
+    return torch.stack([_largest(teacher_ids, counted), nan_lp,
+                        (counted & (lp > 0)).any().long(),
+                        _largest_label(labels, mask, teacher_ids.device)])
 
 
-def raise_data_errors(largest_id, nan_lp, pos_lp, vocab_size, where="") -> None:
+def _largest(values, counted):
+    """max of ``values`` where ``counted`` (int64, 0-d), -1 if none."""
+    largest = torch.where(counted, values.long(), -1)
+    return largest.max().reshape(()) if largest.numel() else torch.tensor(-1, device=values.device)
+
+
+def _largest_label(labels, mask, device):
+    if labels is None:
+        return torch.tensor(-1, dtype=torch.int64, device=device)
+    counted = labels >= 0
+    if mask is not None:
+        counted = counted & mask
+    return _largest(labels, counted)
+
+
+def raise_data_errors(largest_id, nan_lp, pos_lp, vocab_size, where="",
+                      largest_label=-1) -> None:
     """The ValueError of a failed data check (``where``: e.g. " on rank 1 of tp_group")."""
     if largest_id >= vocab_size:
         raise ValueError(f"teacher_ids has an id >= the vocab size V={vocab_size}{where} "
                          f"(ids must be in [0, V), negative = padding)")
+    if largest_label >= vocab_size:
+        raise ValueError(f"labels has a label >= the vocab size V={vocab_size}{where} "
+                         f"(labels must be in [0, V), negative = ignored)")
     if nan_lp:
         raise ValueError(f"teacher_logprobs has a NaN entry{where} (log-probs must be <= 0; "
-                         f"-inf allowed)")
+                         f"-inf allowed). If NaN marks an entry the teacher did not score, pass "
+                         f'missing_teacher="drop" or missing_teacher="floor" (SPEC 9.5)')
     if pos_lp:
         raise ValueError(f"teacher_logprobs has an entry > 0{where} (log-probs must be <= 0; "
                          f"-inf allowed)")
 
 
-def check_data(teacher_ids, teacher_logprobs, vocab_size, mask=None) -> None:
+def check_data(teacher_ids, teacher_logprobs, vocab_size, mask=None, *, labels=None,
+               missing_teacher="error") -> None:
     """``check_inputs=True`` data checks, with exactly one host sync.
 
-    Only entries that count are checked: padding entries (id < 0) and masked rows are ignored
-    everywhere else, so their contents may be anything.
-      * an id >= ``vocab_size`` (the full vocab V, all shards)  -> ValueError naming teacher_ids
-      * a NaN or > 0 teacher log-prob (-inf is fine)             -> ValueError naming teacher_logprobs
+    Only entries that count are checked: padding entries (id < 0), ignored labels (< 0) and
+    masked rows are ignored everywhere else, so their contents may be anything.
+      * an id >= ``vocab_size`` (the full vocab V, all shards): ValueError naming teacher_ids
+      * a label >= ``vocab_size``: ValueError naming labels
+      * a NaN teacher log-prob (with ``missing_teacher="error"`` only) or one > 0 (-inf is
+        fine): ValueError naming teacher_logprobs
     Under tensor parallelism the same facts travel in the layout all_gather instead
     (``parallel.resolve_layout(..., data=...)``), so that every rank raises, not just the one
     whose copy of the teacher tensors is bad.
     """
-    largest_id, nan_lp, pos_lp = data_flags(teacher_ids, teacher_logprobs, mask).tolist()
-    raise_data_errors(largest_id, nan_lp, pos_lp, vocab_size)
+    largest_id, nan_lp, pos_lp, largest_label = data_flags(
+        teacher_ids, teacher_logprobs, mask, labels=labels,
+        missing_teacher=missing_teacher).tolist()
+    raise_data_errors(largest_id, nan_lp, pos_lp, vocab_size, largest_label=largest_label)

@@ -136,13 +136,15 @@ def _layout_from_table(table: Sequence[Sequence[int]], rank: int) -> TPLayout:
 
 def _gather_layout(group_name: str, n: int, k: int, v_local: int, start: int,
                    device, data: Optional[Tensor] = None) -> TPLayout:
-    """One all_gather of 4 int64 per rank (7 with ``data``), one host sync; raises ValueError
+    """One all_gather of 4 int64 per rank (8 with ``data``), one host sync; raises ValueError
     on every rank.
 
     ``data``: this rank's :func:`_validate.data_flags` (largest counted id, NaN log-prob,
-    log-prob > 0). Gathered with the layout, so a bad entry in any rank's copy of the teacher
-    tensors makes EVERY rank raise - not one rank raising while the others wait in the next
-    collective until the group's timeout."""
+    log-prob > 0, largest counted label). Gathered with the layout, so a bad entry in any rank's
+    copy of the teacher tensors or labels makes EVERY rank raise - not one rank raising while the
+    others wait in the next collective until the group's timeout. The data facts have the same
+    size whatever the call's options (no labels: -1), so ranks that disagree on an option still
+    gather equal shapes."""
     from . import _validate
 
     pg = _resolve(group_name)
@@ -157,7 +159,8 @@ def _gather_layout(group_name: str, n: int, k: int, v_local: int, start: int,
     if data is not None:
         for r, row in enumerate(table):
             where = "" if r == rank else f" on rank {r} of tp_group"
-            _validate.raise_data_errors(row[4], row[5], row[6], layout.vocab_size, where)
+            _validate.raise_data_errors(row[4], row[5], row[6], layout.vocab_size, where,
+                                        largest_label=row[7])
     return layout
 
 
@@ -231,9 +234,11 @@ def vocab_layout(group_name: str, n: int, k: int, v_local: int, vocab_start: Opt
 
 def layout_and_checks(tp_group, n: int, k: int, v_local: int, vocab_start: Optional[int],
                       teacher_ids: Tensor, teacher_logprobs: Tensor, mask: Optional[Tensor], *,
-                      check_inputs: bool, device=None) -> Tuple[Optional[str], int, int]:
+                      check_inputs: bool, device=None, labels: Optional[Tensor] = None,
+                      missing_teacher: str = "error") -> Tuple[Optional[str], int, int]:
     """``(group name or None, this rank's vocab_start, global V)`` of a loss call, with its
-    ``check_inputs`` data checks (``[N, K]`` ids / log-probs, ``[N]`` mask).
+    ``check_inputs`` data checks (``[N, K]`` ids / log-probs, ``[N]`` mask and labels; a NaN
+    log-prob is an error only with ``missing_teacher="error"``).
 
     Without a group: V = V_r and the data are checked locally (one host sync). With one: the
     data-check facts ride in the layout all_gather (:func:`resolve_layout`), so a bad entry in any
@@ -244,10 +249,12 @@ def layout_and_checks(tp_group, n: int, k: int, v_local: int, vocab_start: Optio
     checked = check_inputs and not torch.compiler.is_compiling()
     if tp_group is None:
         if checked:
-            _validate.check_data(teacher_ids, teacher_logprobs, v_local, mask)
+            _validate.check_data(teacher_ids, teacher_logprobs, v_local, mask, labels=labels,
+                                 missing_teacher=missing_teacher)
         return None, 0, v_local
     group_name = group_name_of(tp_group)
-    data = _validate.data_flags(teacher_ids, teacher_logprobs, mask) if checked else None
+    data = (_validate.data_flags(teacher_ids, teacher_logprobs, mask, labels=labels,
+                                 missing_teacher=missing_teacher) if checked else None)
     start, vocab_size = vocab_layout(group_name, n, k, v_local, vocab_start,
                                      check_inputs=check_inputs, device=device, data=data)
     return group_name, start, vocab_size
@@ -276,8 +283,9 @@ def communication_bytes(n: int, k: int, world_size: int, *, acc_bytes: int = 4,
 
     ``acc_bytes`` is 4 (fp32 / bf16 / fp16 logits) or 8 (fp64 logits). Keys: ``all_reduce_max``
     (N values), ``all_reduce_sum`` (N * (3 + K) values), with ``check_inputs`` also
-    ``all_gather_check`` (7 int64 = 56 bytes: N, K, V_r, vocab_start and the three data-check
-    facts; every rank receives the 56 * W byte table), and
+    ``all_gather_check`` (8 int64 = 64 bytes: N, K, V_r, vocab_start and the four data-check
+    facts - largest teacher id, any NaN log-prob, any positive log-prob, largest label (-1
+    without labels); every rank receives the 64 * W byte table), and
     ``collectives`` (how many: 2, or 3 with ``check_inputs``). On the wire a ring all-reduce of B
     bytes moves about 2 * (W - 1) / W * B per rank. With ``check_inputs=False`` the first call on a
     group also makes the layout gather once, 4 int64 without the data facts (it is then cached). ``world_size`` is accepted for
@@ -288,6 +296,6 @@ def communication_bytes(n: int, k: int, world_size: int, *, acc_bytes: int = 4,
         "all_reduce_sum": n * (3 + k) * acc_bytes,
     }
     if check_inputs:
-        out["all_gather_check"] = 7 * 8
+        out["all_gather_check"] = 8 * 8
     out["collectives"] = len(out)
     return out

@@ -19,11 +19,12 @@ import math
 
 import torch
 
-from ._types import TopKDistillOutput
-from ._validate import Options, check_data, validate_args
+from ._types import Term, TopKDistillOutput
+from ._validate import (UNSET, Options, check_data, check_k_fits, data_flags, validate_args,
+                        validate_k, validate_logits, validate_temperature, validate_vocab_start)
 from .parallel import resolve_layout
 
-__all__ = ["topk_distill_loss"]
+__all__ = ["topk_distill_loss", "student_topk"]
 
 _NEG_INF = float("-inf")
 
@@ -66,9 +67,10 @@ def _xlog_ratio(x: torch.Tensor, lx: torch.Tensor, ly: torch.Tensor) -> torch.Te
 
 # ----------------------------------------------------------------------------- the divergences
 
-def _bin_terms(a, la, b, lb, opts: Options) -> torch.Tensor:
+def _bin_terms(a, la, b, lb, opts) -> torch.Tensor:
     """Per-bin terms of the divergence (SPEC 3) between teacher bins a and student bins b;
-    summing them over the bins gives the divergence. a = e^la, b = e^lb."""
+    summing them over the bins gives the divergence. a = e^la, b = e^lb. ``opts``: anything with
+    ``loss``, ``beta``, ``rkl_ratio``, ``skew`` (a :class:`Term`)."""
     loss = opts.loss
     if loss == "fkl" or (loss == "jsd" and opts.beta == 0.0):  # DECISIONS 5: beta=0 is FKL exactly
         return _xlog_ratio(a, la, lb)
@@ -93,9 +95,10 @@ def _bin_terms(a, la, b, lb, opts: Options) -> torch.Tensor:
     raise AssertionError(loss)
 
 
-def _topk_outside_term(u: torch.Tensor, opts: Options) -> torch.Tensor:
+def _topk_outside_term(u: torch.Tensor, opts) -> torch.Tensor:
     """support="topk": the student's mass outside the top-k, u = 1 - Q (unclamped, not floored,
-    DECISIONS 4), against a teacher probability of 0 (SPEC 3). Linear in u."""
+    DECISIONS 4; exactly 0 in a row whose ids cover the vocab, DECISIONS 20), against a teacher
+    probability of 0 (SPEC 3). Linear in u."""
     loss, zero = opts.loss, torch.zeros_like(u)
     if loss == "jsd" and 0.0 < opts.beta < 1.0:  # (1-beta) u log(u / ((1-beta) u))
         return (1.0 - opts.beta) * u * math.log(1.0 / (1.0 - opts.beta))
@@ -107,25 +110,18 @@ def _topk_outside_term(u: torch.Tensor, opts: Options) -> torch.Tensor:
     return zero
 
 
-def per_row_loss(s: torch.Tensor, teacher_logprobs: torch.Tensor, valid: torch.Tensor,
-                 log_q_tail: torch.Tensor | None, opts: Options) -> torch.Tensor:
-    """Per-row loss from the student log-probs of the teacher tokens (the SPEC's s_k).
-
-    s, teacher_logprobs: [N, K] in the compute dtype; valid: [N, K] bool (entries that count;
-    ``s`` is ignored elsewhere). log_q_tail: [N], log(1 - Q), needed for support="tail" only
-    (taken as an input so that it can be computed without cancellation from the full softmax).
-    No temperature / t2 / mask / reduction here.
-    """
-    l = teacher_logprobs
+def _term_rows(s: torch.Tensor, l: torch.Tensor, valid: torch.Tensor,
+               log_q_tail: torch.Tensor | None, term: Term, clamp: float | None,
+               covered: torch.Tensor | None) -> torch.Tensor:
+    """One term's per-row divergence (SPEC 3 with DECISIONS 1-8, 20); see :func:`per_row_loss`."""
     # Masses, unclamped (SPEC 3): Q = sum q_k, P = sum p_k over valid entries.
     Q = torch.where(valid, torch.exp(torch.where(valid, s, _NEG_INF)), 0.0).sum(-1)
     P = torch.where(valid, torch.exp(torch.where(valid, l, _NEG_INF)), 0.0).sum(-1)
 
     # Bin log-probs: clamped (DECISIONS 1), then renormalised over the valid bins (DECISIONS 2).
-    c = opts.log_prob_min_clamp
-    la, lb = (l, s) if c is None else (_clamp_min(l, c), _clamp_min(s, c))
+    la, lb = (l, s) if clamp is None else (_clamp_min(l, clamp), _clamp_min(s, clamp))
     undefined = torch.zeros_like(valid[:, 0])
-    if opts.support == "renorm":
+    if term.support == "renorm":
         norm_a, norm_b = _masked_logsumexp(la, valid), _masked_logsumexp(lb, valid)
         # A teacher with zero mass on its valid bins cannot be renormalised: NaN, not a guess.
         undefined = valid.any(-1) & torch.isneginf(norm_a)
@@ -136,24 +132,76 @@ def per_row_loss(s: torch.Tensor, teacher_logprobs: torch.Tensor, valid: torch.T
     lb = torch.where(valid, lb, _NEG_INF)
     a, b = torch.exp(la), torch.exp(lb)
 
-    if opts.support == "tail":
+    if term.support == "tail":
         # K+1-th bin: the rest of the vocab. p_tail floored at 0; q_tail = 1 - Q (DECISIONS 3).
         p_tail = (1.0 - P).clamp_min(0.0)
+        if covered is not None:  # ids cover the vocab: no rest, both tails 0 (DECISIONS 20)
+            p_tail = torch.where(covered, 0.0, p_tail)
+            log_q_tail = torch.where(covered, _NEG_INF, log_q_tail)
         la = torch.cat([la, torch.log(p_tail).unsqueeze(-1)], -1)
         lb = torch.cat([lb, log_q_tail.unsqueeze(-1)], -1)
         a = torch.cat([a, p_tail.unsqueeze(-1)], -1)
         b = torch.cat([b, torch.exp(log_q_tail).unsqueeze(-1)], -1)
 
-    rows = _bin_terms(a, la, b, lb, opts).sum(-1)
-    if opts.support == "topk":
-        rows = rows + _topk_outside_term(1.0 - Q, opts)
+    rows = _bin_terms(a, la, b, lb, term).sum(-1)
+    if term.support == "topk":
+        u = 1.0 - Q
+        if covered is not None:  # nothing outside the ids: u is exactly 0 (DECISIONS 20)
+            u = torch.where(covered, 0.0, u)
+        rows = rows + _topk_outside_term(u, term)
     else:  # DECISIONS 7: no valid entry -> exactly 0 (the tail bins, both 1, could round to 1e-16)
         rows = torch.where(valid.any(-1), rows, 0.0)
     return torch.where(undefined, float("nan"), rows)
 
 
+def _terms_of(opts: Options):
+    """The loss terms of ``opts`` (an Options built without ``terms``: its single loss)."""
+    if opts.terms:
+        return opts.terms
+    return (Term(opts.loss, opts.support, 1.0, opts.beta, opts.rkl_ratio, opts.skew),)
+
+
+def per_row_loss(s: torch.Tensor, teacher_logprobs: torch.Tensor, valid: torch.Tensor,
+                 log_q_tail: torch.Tensor | None, opts: Options,
+                 covered: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row loss from the student log-probs of the teacher tokens (the SPEC's s_k).
+
+    s, teacher_logprobs: [N, K] in the compute dtype; valid: [N, K] bool (entries that count;
+    ``s`` and the log-probs are ignored elsewhere). log_q_tail: [N], log(1 - Q), needed when a
+    term has support="tail" (taken as an input so that it can be computed without cancellation
+    from the full softmax). covered: [N] bool or None, rows whose distinct valid ids are the whole
+    vocab (DECISIONS 20). No temperature / t2 / mask / reduction here.
+
+    The loss is ``sum_i weight_i * L_i`` over ``opts.terms`` (SPEC 9.3), all from the same s, l,
+    clamp and masks. A term of weight 0 is skipped, never computed (an infinite term times 0
+    would be NaN); a term of weight 1 is not multiplied, so a one-term list is bitwise the plain
+    call (DECISIONS 17).
+    """
+    rows = None
+    for term in _terms_of(opts):
+        if term.weight == 0.0:
+            continue
+        r = _term_rows(s, teacher_logprobs, valid, log_q_tail, term, opts.log_prob_min_clamp,
+                       covered)
+        if term.weight != 1.0:
+            r = term.weight * r
+        rows = r if rows is None else rows + r
+    return torch.zeros_like(s[:, 0]) if rows is None else rows
+
+
+def _covers_vocab(ids: torch.Tensor, valid: torch.Tensor, vocab: int) -> torch.Tensor | None:
+    """[N] bool: the row's distinct valid ids are all V columns (issue 18, DECISIONS 20). Decided
+    from the ids, never from the masses. None when K < V (no row can cover the vocab)."""
+    if ids.shape[-1] < vocab:
+        return None
+    srt = torch.where(valid, ids, -1).sort(dim=-1).values
+    new = torch.ones_like(srt, dtype=torch.bool)
+    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    return ((srt >= 0) & new).sum(-1) == vocab
+
+
 def _log_student_tail(logq: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor,
-                      s: torch.Tensor) -> torch.Tensor:
+                      s: torch.Tensor, covered: torch.Tensor | None = None) -> torch.Tensor:
     """log q_tail = log(1 - Q) per row, from the full-vocab student log-probs ``logq`` [N, V].
 
     1 - Q cancels catastrophically when Q -> 1 (and rounding can even make it negative), so when
@@ -161,6 +209,7 @@ def _log_student_tail(logq: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor
     the tokens that are NOT teacher ids: the same number, a sum of non-negative terms.
     With duplicate ids (each counts in Q, DECISIONS 8) or no valid id the SPEC's 1 - Q is used
     as is (it may then be negative -> NaN, which is not papered over).
+    A covered row (DECISIONS 20) has no such token: -inf, with a zero (not NaN) gradient.
     """
     n = logq.shape[0]
     rows = torch.arange(n, device=logq.device).unsqueeze(-1).expand_as(ids)
@@ -174,6 +223,8 @@ def _log_student_tail(logq: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor
     srt, order = torch.where(valid, ids, -1).sort(dim=-1, stable=True)
     repeat = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
     dup = repeat.any(-1)
+    if covered is not None:  # the complement is empty: -inf as it is, whatever the duplicates
+        dup = dup & ~covered
     s_sorted = s.gather(-1, order)[:, 1:]
     dup_mass = torch.where(repeat, torch.exp(torch.where(repeat, s_sorted, _NEG_INF)), 0.0).sum(-1)
     with_dup = (torch.exp(torch.where(dup, complement, 0.0)) - dup_mass).clamp_min(0.0)
@@ -227,74 +278,195 @@ class _GatherVocabShards(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- the API
 
-def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", support="topk",
-                      beta=0.5, rkl_ratio=0.1, skew=0.1, temperature=1.0, t2_scale=False,
-                      log_prob_min_clamp=None, mask=None, reduction="mean", tp_group=None,
-                      vocab_start=None, inplace_backward=False, check_inputs=True
-                      ) -> TopKDistillOutput:
-    """Top-k distillation loss, pure PyTorch (SPEC.md section 8 signature; the oracle).
+def _process_group(tp_group):
+    """A process group from a group or its registered name (as the kernel-backed API allows)."""
+    if isinstance(tp_group, str):
+        from torch.distributed.distributed_c10d import _resolve_process_group
+        return _resolve_process_group(tp_group)
+    return tp_group
 
-    Computes in float64 for float64 logits, else float32. Returns (loss, student_mass,
-    teacher_mass); the loss is in the compute dtype, the masses are fp32 without gradient
-    (DECISIONS 11) and have the logits' leading shape, as does the loss for reduction="none".
+
+def _topk_rows(z: torch.Tensor, k: int, temperature: float):
+    """The student's own top-k of rows ``z`` [N, V] (full vocab, compute dtype): ``(ids int64,
+    log-probs fp32)`` [N, k], no gradient (SPEC 9.4, DECISIONS 22).
+
+    Ranked by the logits themselves: exact (no rounding can merge two different logits), and the
+    same order as the exact log-probs z/T - LSE because T > 0. Equal logits keep the lower id
+    first (a stable descending sort). The log-probs are log_softmax(z / T) at those ids, rounded
+    to fp32 - non-increasing, possibly equal where the logits were not."""
+    with torch.no_grad():
+        order = torch.sort(z, dim=-1, descending=True, stable=True).indices[:, :k]
+        logq = torch.log_softmax(z / temperature, dim=-1)
+        return order, logq.gather(-1, order).float()
+
+
+def student_topk(logits, k, *, temperature=1.0, tp_group=None, vocab_start=None):
+    """The student's k most likely tokens at temperature T over the full vocab (SPEC 9.4).
+
+    Returns ``(ids, logprobs)``, each ``[..., k]``: global ids (int64) and their log-probs
+    log_softmax(z / T) (fp32; computed in fp64 for fp64 logits, else fp32), descending, equal
+    logits broken by the lower id. No gradient. ``1 <= k <= V`` (V = the full vocab, all shards),
+    else ``ValueError`` naming ``k``. With ``tp_group`` the logits are this rank's vocab shard;
+    the shards are all-gathered and every rank returns the same result.
+    """
+    lead, n, v_local = validate_logits(logits)
+    k = validate_k("k", k)
+    temperature = validate_temperature(temperature)
+    validate_vocab_start(tp_group, vocab_start)
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.detach().reshape(n, v_local).to(dtype)
+    if tp_group is not None:
+        tp_group = _process_group(tp_group)
+        # K = 0: the ranks' agreement on N and the shard layout is checked, not k.
+        layout = resolve_layout(tp_group, n, 0, v_local, vocab_start, check_inputs=True,
+                                device=logits.device)
+        z = _GatherVocabShards.apply(z, layout, tp_group)
+    check_k_fits("k", k, z.shape[-1])
+    ids, logprobs = _topk_rows(z, k, temperature)
+    return ids.reshape(*lead, k), logprobs.reshape(*lead, k)
+
+
+def _with_nan_gradient_rows(rows: torch.Tensor, z: torch.Tensor, live: torch.Tensor):
+    """``rows`` [N] whose non-finite rows get an all-NaN gradient row (DECISIONS 15), for rows in
+    ``live`` (others must already have no path to z). ``0 * sum(z)`` changes no finite value but
+    gives every row a path to every logit of its row, so the NaN reaches all of them even where
+    the inf/NaN came out of a branch that does not depend on the logits. A logit of -inf is a
+    valid input (probability 0) and is left out of that sum (0 * -inf would be NaN); +inf and NaN
+    logits make the row NaN, as the softmax is undefined."""
+    path = torch.where(live.unsqueeze(-1) & ~torch.isneginf(z), z, 0.0)
+    rows = rows + 0.0 * path.sum(-1)
+    return _NaNGradWhereNotFinite.apply(rows)
+
+
+def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", support=UNSET,
+                      beta=UNSET, rkl_ratio=UNSET, skew=UNSET, temperature=1.0, t2_scale=False,
+                      log_prob_min_clamp=None, mask=None, reduction="mean", tp_group=None,
+                      vocab_start=None, inplace_backward=False, check_inputs=True, labels=None,
+                      return_entropy=False, student_topk=None, missing_teacher="error"
+                      ) -> TopKDistillOutput:
+    """Top-k distillation loss, pure PyTorch (SPEC.md sections 8 and 9; the oracle).
+
+    Computes in float64 for float64 logits, else float32. Returns a TopKDistillOutput: the loss
+    is in the compute dtype, the masses are fp32 without gradient (DECISIONS 11) and have the
+    logits' leading shape, as does the loss for reduction="none".
     With ``tp_group`` the logits are this rank's vocab shard: the shards are all-gathered (a
     custom autograd Function whose backward is the local slice) and every rank computes the
     unsharded loss. ``inplace_backward`` is accepted and ignored (autograd allocates the gradient).
+
+    ``loss``: a name, or a sequence of :class:`~topk_distill.Term` / ``(loss, support, weight)``
+    tuples (per row ``sum_i weight_i * L_i``, SPEC 9.3); ``support`` / ``beta`` / ``rkl_ratio``
+    / ``skew`` then stay unset. SPEC 9.2 / 9.4 / 9.5 (all per row, never reduced; ``t2_scale``
+    applies to the loss only):
+      * ``labels`` [...] -> ``label_logprobs`` = z_y / T - LSE (compute dtype, differentiable; 0
+        for an ignored label < 0 or a masked row; NaN for a label >= V with check_inputs=False);
+      * ``return_entropy`` -> ``entropy`` = -sum_v q_v log q_v (compute dtype, differentiable);
+      * ``student_topk=k`` -> ``student_topk_ids`` / ``_logprobs`` [..., k] (:func:`student_topk`)
+        and ``overlap_count`` (int64) / ``overlap_token_advantage`` (fp32), no gradient;
+      * ``missing_teacher``: a NaN teacher log-prob is an error, or its entry is dropped (padding)
+        or floored (``log_prob_min_clamp`` in the bins, out of ``teacher_mass``).
     """
     args = validate_args(
         logits, teacher_ids, teacher_logprobs, loss=loss, support=support, beta=beta,
         rkl_ratio=rkl_ratio, skew=skew, temperature=temperature, t2_scale=t2_scale,
         log_prob_min_clamp=log_prob_min_clamp, mask=mask, reduction=reduction, tp_group=tp_group,
-        vocab_start=vocab_start, inplace_backward=inplace_backward, check_inputs=check_inputs)
-    opts, n, k = args.options, args.n_rows, args.k
+        vocab_start=vocab_start, inplace_backward=inplace_backward, check_inputs=check_inputs,
+        labels=labels, return_entropy=return_entropy, student_topk=student_topk,
+        missing_teacher=missing_teacher)
+    opts, n, k, lead = args.options, args.n_rows, args.k, args.lead_shape
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
 
     z = logits.reshape(n, args.local_vocab).to(dtype)
-    if tp_group is not None:
-        if isinstance(tp_group, str):  # a group's registered name, as the kernel-backed API allows
-            from torch.distributed.distributed_c10d import _resolve_process_group
-            tp_group = _resolve_process_group(tp_group)
-        # Always checked (the oracle makes no shortcut): one all_gather of (N, K, V_r, start).
-        layout = resolve_layout(tp_group, n, k, args.local_vocab, vocab_start, check_inputs=True,
-                                device=logits.device)
-        z = _GatherVocabShards.apply(z, layout, tp_group)
-    vocab = z.shape[-1]
-    if opts.check_inputs:
-        check_data(teacher_ids, teacher_logprobs, vocab, mask)
-
     ids = teacher_ids.reshape(n, k).long()
-    l = teacher_logprobs.reshape(n, k).to(dtype).detach()  # teacher inputs are constants
-    counted = (torch.ones(n, dtype=torch.bool, device=z.device) if mask is None
-               else mask.reshape(n))
+    l = teacher_logprobs.reshape(n, k).detach()  # teacher inputs are constants
+    mask_rows = None if mask is None else mask.reshape(n)
+    y = None if labels is None else labels.reshape(n).long()
+    if tp_group is not None:
+        tp_group = _process_group(tp_group)
+        # Always gathered (the oracle makes no shortcut): (N, K, V_r, start) and, with
+        # check_inputs, the data-check facts, so that every rank raises alike.
+        data = (data_flags(ids, l, mask_rows, labels=y, missing_teacher=opts.missing_teacher)
+                if opts.check_inputs else None)
+        layout = resolve_layout(tp_group, n, k, args.local_vocab, vocab_start, check_inputs=True,
+                                device=logits.device, data=data)
+        z = _GatherVocabShards.apply(z, layout, tp_group)
+    elif opts.check_inputs:
+        check_data(ids, l, args.local_vocab, mask_rows, labels=y,
+                   missing_teacher=opts.missing_teacher)
+    vocab = z.shape[-1]
+    if opts.student_topk is not None:
+        check_k_fits("student_topk", opts.student_topk, vocab)
+
+    l = l.to(dtype)
+    counted = torch.ones(n, dtype=torch.bool, device=z.device) if mask_rows is None else mask_rows
     in_range = ids < vocab
-    valid = (ids >= 0) & in_range & counted.unsqueeze(-1)
+    entry = (ids >= 0) & in_range & counted.unsqueeze(-1)  # entries that count
     bad_row = (~in_range).any(-1)  # ids >= V (check_inputs=False): entry ignored, row NaN
+    # SPEC 9.5 / DECISIONS 21. "drop": the entry is padding. "floor": its teacher log-prob is
+    # -inf - probability 0 in teacher_mass and in the tail / outside terms - and the required
+    # clamp makes its bin log-prob max(-inf, c) = c. "error": a NaN stays NaN (check_inputs
+    # raised, or the row is NaN).
+    valid = entry
+    if opts.missing_teacher != "error":
+        missing = entry & torch.isnan(l)
+        l = torch.where(missing, _NEG_INF, l)
+        if opts.missing_teacher == "drop":
+            valid = entry & ~missing
 
-    # Student log-probs over the full vocab at temperature T (DECISIONS 12), then s_k.
-    logq = torch.log_softmax(z / opts.temperature, dim=-1)
+    # Student log-probs over the full vocab at temperature T (DECISIONS 12), then s_k. Masked
+    # rows never enter the arithmetic (DECISIONS 10: gradient 0 even for non-finite logits).
+    zc = z if mask_rows is None else torch.where(counted.unsqueeze(-1), z, 0.0)
+    logq = torch.log_softmax(zc / opts.temperature, dim=-1)
     s = torch.where(valid, logq.gather(-1, torch.where(valid, ids, 0)), 0.0)
-    log_q_tail = _log_student_tail(logq, ids, valid, s) if opts.support == "tail" else None
+    covered = _covers_vocab(ids, valid, vocab)
+    terms = [t for t in opts.terms if t.weight != 0.0]
+    log_q_tail = (_log_student_tail(logq, ids, valid, s, covered)
+                  if any(t.support == "tail" for t in terms) else None)
 
-    rows = per_row_loss(s, l, valid, log_q_tail, opts)
+    rows = per_row_loss(s, l, valid, log_q_tail, opts, covered)
     if opts.t2_scale:
         rows = rows * opts.temperature ** 2
     rows = torch.where(counted, rows, 0.0)  # masked rows: loss 0, gradient 0 (DECISIONS 10)
     rows = rows + torch.where(bad_row & counted, float("nan"), 0.0)
-    # 0 * sum(z): no value change for finite logits, but every row's loss now has a path to
-    # every logit of its row, so the NaN of a non-finite row reaches all of them even where the
-    # inf/NaN came out of a branch that does not depend on the logits.
-    rows = rows + 0.0 * torch.where(counted.unsqueeze(-1), z, 0.0).sum(-1)
-    rows = _NaNGradWhereNotFinite.apply(rows)
+    rows = _with_nan_gradient_rows(rows, zc, counted)
 
     with torch.no_grad():
         student_mass = torch.where(valid, s.exp(), 0.0).sum(-1).float()
         teacher_mass = torch.where(valid, l.exp(), 0.0).sum(-1).float()
 
     if opts.reduction == "none":
-        out = rows.reshape(args.lead_shape)
+        out = rows.reshape(lead)
     elif opts.reduction == "sum":
         out = rows.sum()
     else:  # mean over counted rows; an empty or all-masked batch gives 0, not NaN
         out = rows.sum() / counted.sum().clamp_min(1).to(dtype)
-    return TopKDistillOutput(out, student_mass.reshape(args.lead_shape),
-                             teacher_mass.reshape(args.lead_shape))
+
+    extra = {}
+    if y is not None:  # SPEC 9.2, DECISIONS 18
+        use = (y >= 0) & (y < vocab) & counted
+        bad = (y >= vocab) & counted  # only with check_inputs=False: NaN, never read
+        lab = logq.gather(-1, torch.where(use, y, 0).unsqueeze(-1)).squeeze(-1)
+        lab = torch.where(use, lab, 0.0) + torch.where(bad, float("nan"), 0.0)
+        extra["label_logprobs"] = _with_nan_gradient_rows(lab, zc, use | bad).reshape(lead)
+    if opts.return_entropy:  # SPEC 9.2: -sum q log q, with 0 log 0 = 0 (and a finite gradient)
+        q = torch.exp(logq)
+        zero = q == 0
+        ent = -torch.where(zero, 0.0, q * torch.where(zero, 0.0, logq)).sum(-1)
+        ent = torch.where(counted, ent, 0.0)
+        extra["entropy"] = _with_nan_gradient_rows(ent, zc, counted).reshape(lead)
+    if opts.student_topk is not None:  # SPEC 9.4, DECISIONS 22, 23
+        kk = opts.student_topk
+        top_ids, top_lp = _topk_rows(z.detach(), kk, opts.temperature)  # every row, mask or not
+        with torch.no_grad():
+            overlap = (ids.unsqueeze(-1) == top_ids.unsqueeze(-2)).any(-1) & valid
+            count = overlap.sum(-1)
+            c = opts.log_prob_min_clamp
+            lp_, sp_ = (l, s) if c is None else (_clamp_min(l, c), _clamp_min(s, c))
+            # -exp(l') (l' - s') with 0 * (-inf) = 0 (a teacher probability of 0 adds 0).
+            adv = -_xlog_ratio(torch.exp(lp_), lp_, sp_)
+            adv = torch.where(overlap, adv, 0.0).sum(-1) / count.clamp_min(1).to(dtype)
+            adv = torch.where(count > 0, adv, 0.0)
+        extra.update(student_topk_ids=top_ids.reshape(*lead, kk),
+                     student_topk_logprobs=top_lp.reshape(*lead, kk),
+                     overlap_count=count.reshape(lead),
+                     overlap_token_advantage=adv.float().reshape(lead))
+    return TopKDistillOutput(out, student_mass.reshape(lead), teacher_mass.reshape(lead), **extra)
