@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from . import _layout
 from ._types import TopKDistillOutput
 from ._validate import Options, check_data, validate_args
 from .parallel import resolve_layout
@@ -241,6 +242,11 @@ def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", supp
     custom autograd Function whose backward is the local slice) and every rank computes the
     unsharded loss. ``inplace_backward`` is accepted and ignored (autograd allocates the gradient).
     """
+    # SPEC 9.1, jagged nested tensors: this function on the packed values, per-token outputs
+    # repacked (topk_distill/_layout.py). MUST stay the first statement: locals() is then exactly
+    # this call's arguments, so keywords added later are forwarded (and checked for nesting) too.
+    if _layout.any_nested(*locals().values()):
+        return _layout.call_on_packed(topk_distill_loss, **locals())
     args = validate_args(
         logits, teacher_ids, teacher_logprobs, loss=loss, support=support, beta=beta,
         rkl_ratio=rkl_ratio, skew=skew, temperature=temperature, t2_scale=t2_scale,
