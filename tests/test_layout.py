@@ -302,6 +302,22 @@ def test_rows_overlap_is_metadata_only_for_large_views(shape, strides, overlaps)
     assert rows_overlap(x) is overlaps
 
 
+@pytest.mark.parametrize("name", ["x[:, :-1]", "expand rows (stride 0)", "interleaved, colliding",
+                                  "lattice, no collision"])
+def test_fold_and_overlap_trace_under_compile_fullgraph(name):
+    """losses.py calls both inside compiled regions: metadata-only Python, no graph break."""
+    make, overlaps = OVERLAP_CASES[name]
+
+    def f(x):
+        view = fold_rows(x)
+        return view.sum() + (1.0 if rows_overlap(view) else 0.0)
+
+    x = make()
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="eager")(x)
+    assert got.item() == x.sum().item() + overlaps
+
+
 def test_rows_overlap_argument_errors():
     with pytest.raises(ValueError, match="2-D"):
         rows_overlap(torch.zeros(2, 2, 2, 2))

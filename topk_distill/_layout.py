@@ -117,23 +117,23 @@ def _two_stride_overlap(b: int, s0: int, t: int, s1: int, span: int) -> bool:
     Two rows overlap iff some (di, dj) != (0, 0) with |di| < b, |dj| < t has
     ``|di*s0 + dj*s1| < span``. By symmetry take di > 0 (di = 0 gives |dj*s1| >= s1 >= span).
     For fixed di, ``di*s0 + dj*s1`` is increasing in dj, so its smallest magnitude over the
-    integers in [-(t-1), 0] is at floor or ceil of ``-di*s0/s1`` (clamped): one vectorised pass
-    over di = 1 .. b-1, run over the smaller of the two dims (O(min(b, t)) host integers).
+    integers in [-(t-1), 0] is at ``-(di*s0 // s1)`` or one below (clamped). One pass over
+    di = 1 .. b-1, run over the smaller of the two dims: O(min(b, t)) Python integer steps, no
+    tensor (so it also runs at trace time under torch.compile).
     """
     # Nested layouts (the common case, O(1)): one dim's whole block fits inside the other's step.
     if s0 >= (t - 1) * s1 + span or s1 >= (b - 1) * s0 + span:
         return False
     if b > t:  # iterate over the smaller dim
         b, s0, t, s1 = t, s1, b, s0
-    di = torch.arange(1, b, dtype=torch.int64)
-    x = di * s0                                   # > 0
-    q = torch.div(x, s1, rounding_mode="floor")   # dj = -q makes x + dj*s1 in [0, s1)
-    best = None
-    for dj in (-q, -q - 1):
-        dj = dj.clamp(min=-(t - 1), max=0)
-        gap = (x + dj * s1).abs()
-        best = gap if best is None else torch.minimum(best, gap)
-    return bool((best < span).any())
+    for di in range(1, b):
+        x = di * s0
+        q = x // s1  # dj = -q puts x + dj*s1 in [0, s1)
+        for dj in (-q, -q - 1):
+            dj = max(dj, -(t - 1))
+            if abs(x + dj * s1) < span:
+                return True
+    return False
 
 
 def rows_overlap(view: Tensor) -> bool:
@@ -148,7 +148,7 @@ def rows_overlap(view: Tensor) -> bool:
         interleaved 3-D strides that land one row inside another (e.g. s0 = 3V, s1 = 2V with
         B > 2, T > 3: rows (2, 0) and (0, 3) coincide). False for N <= 1 or V == 0.
       * Exact, host-only (metadata), no device access. O(1) for 2-D views, contiguous, expanded
-        and nested 3-D layouts; O(min(B, T)) host integer work otherwise.
+        and nested 3-D layouts; O(min(B, T)) Python integer steps otherwise.
 
     An in-place backward on overlapping rows would write several rows' gradients to the same
     memory (a race on CUDA): SPEC 9.1 makes ``inplace_backward=True`` a ``ValueError`` there,
@@ -165,10 +165,12 @@ def rows_overlap(view: Tensor) -> bool:
     if view.numel() == 0:
         return False
     # PyTorch's own check, when definitive: 0 = no overlap (non-overlapping and dense),
-    # 1 = overlap (a dim of size > 1 with stride 0), 2 = too hard to tell.
-    quick = torch._debug_has_internal_overlap(view)
-    if quick != 2:
-        return quick == 1
+    # 1 = overlap (a dim of size > 1 with stride 0), 2 = too hard to tell. (Only a shortcut: the
+    # arithmetic below is exact on its own, and is what runs while compiling.)
+    if not torch.compiler.is_compiling():
+        quick = torch._debug_has_internal_overlap(view)
+        if quick != 2:
+            return quick == 1
     # The elements within a row are distinct (unit stride), so overlap is between rows only.
     dims = [(size, stride) for size, stride in zip(view.shape[:-1], view.stride()[:-1])
             if size > 1]
