@@ -87,7 +87,7 @@ def _overlap_brute(view):
     return view.numel() > 0 and view.reshape(-1).unique().numel() < view.numel()
 
 
-# ============================================================================ fold_rows: named cases
+# ========================================================================== fold_rows: named cases
 
 def _bt(b=3, t=5, v=4):
     return _positions((b, t, v), (t * v, v, 1))
@@ -500,6 +500,7 @@ def test_mismatched_offsets_through_the_reference():
                                     _nested(lp, torch.tensor([0, 2, 8, 9, 13])))
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 def test_strided_nested_tensor_is_a_type_error_saying_how_to_convert():
     z, ids, lp, _ = _packed()
     strided = torch.nested.nested_tensor([z[:3], z[3:8], z[8:9], z[9:]], layout=torch.strided)
@@ -544,7 +545,7 @@ def test_repack_jagged_shares_offsets_and_flows_gradients():
         repack_jagged(per_token, torch.zeros(TOTAL, V))
 
 
-# ============================================================================ the oracle on jagged input
+# ====================================================================== the oracle on jagged input
 
 REF_CONFIGS = [
     dict(loss="fkl"),
@@ -659,6 +660,7 @@ def test_compile_cannot_return_a_2d_jagged_tensor_that_requires_grad():
 
 
 @pytest.mark.skipif(not TORCH_2_14, reason="documents torch 2.14's behaviour")
+@pytest.mark.filterwarnings("ignore:Error detected in")
 def test_compile_inplace_backward_with_a_jagged_graph_input():
     """torch 2.14.1 limitation: a mutable custom op (backward_) on the values of a jagged graph
     INPUT fails to functionalize; a jagged tensor built inside the compiled function works."""

@@ -233,7 +233,8 @@ class _JaggedValues(torch.autograd.Function):
     @staticmethod
     def forward(ctx, nt):
         ctx.offsets = nt.offsets()
-        ctx.seqlens = (getattr(nt, "_maybe_min_seqlen", None), getattr(nt, "_maybe_max_seqlen", None))
+        ctx.seqlens = (getattr(nt, "_maybe_min_seqlen", None),
+                       getattr(nt, "_maybe_max_seqlen", None))
         return nt.values()
 
     @staticmethod
