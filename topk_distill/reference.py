@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from . import _layout
 from ._types import Term, TopKDistillOutput
 from ._validate import (UNSET, Options, check_data, check_k_fits, data_flags, validate_args,
                         validate_k, validate_logits, validate_temperature, validate_vocab_start)
@@ -365,6 +366,11 @@ def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", supp
       * ``missing_teacher``: a NaN teacher log-prob is an error, or its entry is dropped (padding)
         or floored (``log_prob_min_clamp`` in the bins, out of ``teacher_mass``).
     """
+    # SPEC 9.1, jagged nested tensors: this function on the packed values, per-token outputs
+    # repacked (topk_distill/_layout.py). MUST stay the first statement: locals() is then exactly
+    # this call's arguments, so keywords added later are forwarded (and checked for nesting) too.
+    if _layout.any_nested(*locals().values()):
+        return _layout.call_on_packed(topk_distill_loss, **locals())
     args = validate_args(
         logits, teacher_ids, teacher_logprobs, loss=loss, support=support, beta=beta,
         rkl_ratio=rkl_ratio, skew=skew, temperature=temperature, t2_scale=t2_scale,
