@@ -82,6 +82,17 @@ inline LossParams make_loss_params(Divergence d, Support s, double beta, double 
   return p;
 }
 
+// A loss mixture (SPEC 9.3): sum_i weight[i] * L_i, every term over the same row statistics.
+// A single loss is a mixture of one term of weight 1 (computed bitwise as before: a weight of 1
+// is never multiplied). Terms of weight 0 are dropped by whoever builds this.
+constexpr int kMaxLossTerms = 8;
+struct LossTerms {
+  int count;
+  LossParams term[kMaxLossTerms];
+  double weight[kMaxLossTerms];
+  bool any_renorm;  // some term renormalises over the K bins (its normalisers are computed once)
+};
+
 // log(exp(x) + exp(y)), exact for -inf arguments, NaN in -> NaN out.
 TD_HD double log_add_exp(double x, double y) {
   if (x != x || y != y) return td_nan();
@@ -213,12 +224,14 @@ struct SerialLanes {
   TD_HD void sync() const {}
 };
 
-// The global statistics of one row (after the collectives).
+// The global statistics of one row (after the collectives; the shard pass's sums).
 struct RowStats {
-  double row_max;  // M, max of z / T over the full vocab
-  double rest;     // sum of exp(z/T - M) over non-teacher columns
-  double teach;    // ... over distinct valid teacher columns
-  double dup;      // ... over repeated teacher entries
+  double row_max;        // M, max of z / T over the full vocab
+  double rest;           // sum of exp(z/T - M) over non-teacher columns
+  double teach;          // ... over distinct valid teacher columns
+  double dup;            // ... over repeated teacher entries
+  double teacher_cols;   // the number of distinct valid teacher columns (all shards)
+  double ent;            // sum over all columns of exp(z/T - M) (z/T - M) (entropy only)
 };
 
 // What the backward needs besides g (all scaled by loss_scale). With u = the student's mass
@@ -232,8 +245,8 @@ struct RowResult {
   double student_mass;
   double teacher_mass;
   double log_sum;       // LSE = row_max + log_sum
-  double dense_coef;    // sum_k g_k + d_b * u
-  double outside_coef;  // d_b
+  double dense_coef;    // sum_k g_k + d_b * u (summed over the terms)
+  double outside_coef;  // d_b (summed over the terms)
 };
 
 TD_HD double to_double(double v) { return v; }
@@ -241,22 +254,23 @@ TD_HD double to_double(float v) { return static_cast<double>(v); }
 template <typename T>
 TD_HD double to_double(T v) { return static_cast<double>(static_cast<float>(v)); }
 
-// Computes one row's loss, masses and g_k = dL/ds_k (written to g[k], scaled by loss_scale).
-// x: gathered teacher logits z/T (0 where the id is invalid), ids, lp: teacher log-probs.
+// Computes one row's loss (the weighted sum of the terms), masses and g_k = dL/ds_k (written to
+// g[k], scaled by loss_scale). x: gathered teacher logits z/T (0 where the id is invalid), ids,
+// lp: teacher log-probs. All terms share the statistics, the clamp and the masses.
 template <class Lanes, typename acc_t, typename id_t, typename lp_t>
-TD_HD RowResult epilogue_row(const Lanes& lanes, const LossParams& p, int64_t K,
+TD_HD RowResult epilogue_row(const Lanes& lanes, const LossTerms& terms, int64_t K,
                              const RowStats& st, bool counted, int64_t vocab_size,
                              const acc_t* x, const id_t* ids, const lp_t* lp, double* g) {
   RowResult res{0.0, 0.0, 0.0, std::log(st.rest + st.teach), 0.0, 0.0};
   const int64_t k0 = lanes.first(), dk = lanes.stride();
-  if (!counted) {
-    for (int64_t k = k0; k < K; k += dk) g[k] = 0.0;
-    return res;
-  }
+  for (int64_t k = k0; k < K; k += dk) g[k] = 0.0;
+  if (!counted) return res;
   // s_k = (x_k - M) - log_sum: subtracting M first keeps x_k - M exact for nearby logits even
   // when |z| is large (the backward recomputes softmax the same way).
-  const bool clamp = p.has_clamp;
-  const double c = p.clamp;
+  const LossParams& p0 = terms.term[0];
+  const bool clamp = p0.has_clamp;
+  const double c = p0.clamp;
+  const double loss_scale = p0.loss_scale;
 
   // Pass 1: masses, invalid ids, and the renorm normalisers of the (clamped) bins.
   double Q = 0.0, P = 0.0;
@@ -270,7 +284,7 @@ TD_HD RowResult epilogue_row(const Lanes& lanes, const LossParams& p, int64_t K,
     const double l = to_double(lp[k]);
     Q += std::exp(s);
     P += std::exp(l);
-    if (p.support == Support::kRenorm) {
+    if (terms.any_renorm) {
       norm_a.add(clamp ? clamp_min(l, c) : l);
       norm_b.add(clamp ? clamp_min(s, c) : s);
     }
@@ -279,85 +293,143 @@ TD_HD RowResult epilogue_row(const Lanes& lanes, const LossParams& p, int64_t K,
   P = lanes.sum(P);
   invalid = lanes.any(invalid);
   double log_norm_a = 0.0, log_norm_b = 0.0;
-  if (p.support == Support::kRenorm) {
+  if (terms.any_renorm) {
     log_norm_a = lanes.merge(norm_a).value();
     log_norm_b = lanes.merge(norm_b).value();
   }
 
-  // The row's "outside" bin: the student's mass beyond the valid teacher entries, 1 - Q.
+  // The row's "outside" bin: the student's mass beyond the valid teacher entries, u = 1 - Q.
   // Duplicated ids count once per entry (DECISIONS 8), so 1 - Q can go below 0: the tail
   // support floors it at 0 like the teacher's (DECISIONS 3), with no gradient through the floor.
-  const double student_tail = (st.rest - st.dup) / (st.rest + st.teach);
+  // A row whose distinct valid ids cover the whole vocabulary has no outside bin at all, on
+  // either side, whatever the masses round to (DECISIONS 20; decided from the ids' count).
+  const bool covered = st.teacher_cols == static_cast<double>(vocab_size);
+  const double student_tail = covered ? 0.0 : (st.rest - st.dup) / (st.rest + st.teach);
   const bool tail_floored = st.rest - st.dup < 0.0;
   const double log_student_tail =
       tail_floored ? -td_inf() : std::log(st.rest - st.dup) - res.log_sum;
-  Bin tail{0.0, 0.0, 0.0};
-  if (p.support == Support::kTail) {
-    const double teacher_tail = 1.0 - P > 0.0 ? 1.0 - P : 0.0;
-    tail = divergence_bin(std::log(teacher_tail), log_student_tail, p);
-    if (tail_floored) tail.d_b = 0.0;
-  } else if (p.support == Support::kTopK) {
-    tail = {p.outside_coeff * student_tail, 0.0, p.outside_coeff};
-  }
 
-  // Pass 2: the K bins' values; g[k] <- d value / d log b_k as scratch.
-  double loss = 0.0, sum_d = 0.0;
-  for (int64_t k = k0; k < K; k += dk) {
-    const int64_t id = static_cast<int64_t>(ids[k]);
-    if (id < 0 || id >= vocab_size) { g[k] = 0.0; continue; }
-    const double s = (to_double(x[k]) - st.row_max) - res.log_sum;
-    const double l = to_double(lp[k]);
-    double la = clamp ? clamp_min(l, c) : l;
-    double lb = clamp ? clamp_min(s, c) : s;
-    if (p.support == Support::kRenorm) { la -= log_norm_a; lb -= log_norm_b; }
-    const Bin bin = divergence_bin(la, lb, p);
-    loss += bin.value;
-    sum_d += bin.d_logb;
-    g[k] = bin.d_logb;
+  double loss = 0.0, dense = 0.0, outside = 0.0;
+  for (int i = 0; i < terms.count; ++i) {
+    const LossParams& p = terms.term[i];
+    const double w = terms.weight[i];
+    Bin tail{0.0, 0.0, 0.0};
+    if (covered) {
+      // no outside bin: nothing to add, no gradient through u
+    } else if (p.support == Support::kTail) {
+      const double teacher_tail = 1.0 - P > 0.0 ? 1.0 - P : 0.0;
+      tail = divergence_bin(std::log(teacher_tail), log_student_tail, p);
+      if (tail_floored) tail.d_b = 0.0;
+    } else if (p.support == Support::kTopK) {
+      tail = {p.outside_coeff * student_tail, 0.0, p.outside_coeff};
+    }
+    const bool renorm = p.support == Support::kRenorm;
+
+    // Pass 2: the K bins' values (renorm: and sum_d = sum_k d value / d log b_k). Without
+    // renorm the gradient is the bin's own derivative, accumulated here in the same pass.
+    double term_loss = 0.0, sum_d = 0.0, sum_g = 0.0;
+    for (int64_t k = k0; k < K; k += dk) {
+      const int64_t id = static_cast<int64_t>(ids[k]);
+      if (id < 0 || id >= vocab_size) continue;
+      const double s = (to_double(x[k]) - st.row_max) - res.log_sum;
+      const double l = to_double(lp[k]);
+      double la = clamp ? clamp_min(l, c) : l;
+      double lb = clamp ? clamp_min(s, c) : s;
+      if (renorm) { la -= log_norm_a; lb -= log_norm_b; }
+      const Bin bin = divergence_bin(la, lb, p);
+      term_loss += bin.value;
+      if (renorm) {
+        sum_d += bin.d_logb;
+      } else if (!(clamp && s < c)) {  // through the clamp only where s_k >= c
+        sum_g += bin.d_logb;
+        g[k] += (w == 1.0 ? bin.d_logb : w * bin.d_logb) * loss_scale;
+      }
+    }
+    term_loss = lanes.sum(term_loss) + tail.value;
+
+    // Pass 3 (renorm only): log b_j = s'_j - logsumexp(s'), so d/ds'_k = d_k - b_k sum_j d_j.
+    // Under renorm the g'_k of ALL valid bins sum to exactly 0 (sum_k b_k = 1), so sum_g is minus
+    // the sum over the clamped bins: exactly 0 when nothing is clamped (renorm is then blind to
+    // the non-teacher logits) instead of rounding noise on the scale of the largest d_k, which
+    // can be enormous (teacher log-probs of -1e30 under RKL). The bins are recomputed rather
+    // than stored: no per-entry scratch, so terms can accumulate into g.
+    if (renorm) {
+      sum_d = lanes.sum(sum_d);
+      double sum_clamped = 0.0;
+      for (int64_t k = k0; k < K; k += dk) {
+        const int64_t id = static_cast<int64_t>(ids[k]);
+        if (id < 0 || id >= vocab_size) continue;
+        const double s = (to_double(x[k]) - st.row_max) - res.log_sum;
+        const double l = to_double(lp[k]);
+        const double la = (clamp ? clamp_min(l, c) : l) - log_norm_a;
+        const double lb = (clamp ? clamp_min(s, c) : s) - log_norm_b;
+        const double gk = divergence_bin(la, lb, p).d_logb - std::exp(lb) * sum_d;
+        if (clamp && s < c) {
+          sum_clamped += gk;
+          continue;
+        }
+        g[k] += (w == 1.0 ? gk : w * gk) * loss_scale;
+      }
+      sum_g = -lanes.sum(sum_clamped);
+    } else {
+      sum_g = lanes.sum(sum_g);
+    }
+    // The tail / outside bin depends on the logits through u = 1 - Q whether or not an entry is
+    // clamped; that part goes to the backward as dense_coef / outside_coef (see RowResult).
+    // u = 0 with an infinite d_b (FKL tail against a student tail that underflowed): the loss is
+    // inf and inf * 0 makes the row's gradient NaN - reported, not hidden.
+    const double tail_term = tail.d_b != 0.0 ? tail.d_b * student_tail : 0.0;
+    if (w == 1.0) {
+      loss += term_loss;
+      dense += sum_g + tail_term;
+      outside += tail.d_b;
+    } else {
+      loss += w * term_loss;
+      dense += w * (sum_g + tail_term);
+      outside += w * tail.d_b;
+    }
   }
-  loss = lanes.sum(loss) + tail.value;
-  if (p.support == Support::kRenorm) sum_d = lanes.sum(sum_d);
   lanes.sync();
-
-  // Pass 3: g_k = the direct part of dL/ds_k. Through the clamp only where s_k >= c. The tail /
-  // outside bin depends on the logits through u = 1 - Q whether or not an entry is clamped; that
-  // part goes to the backward as dense_coef / outside_coef (see RowResult), not into g.
-  // sum_g = sum_k g_k. Under renorm the g'_k = d_k - b_k sum_d of ALL valid bins sum to exactly
-  // 0 (sum_k b_k = 1), so sum_g is minus the sum over the clamped bins: exactly 0 when nothing is
-  // clamped (renorm is then blind to the non-teacher logits) instead of rounding noise on the
-  // scale of the largest d_k, which can be enormous (teacher log-probs of -1e30 under RKL).
-  double sum_g = 0.0, sum_clamped = 0.0;
-  for (int64_t k = k0; k < K; k += dk) {
-    const int64_t id = static_cast<int64_t>(ids[k]);
-    if (id < 0 || id >= vocab_size) continue;
-    const double s = (to_double(x[k]) - st.row_max) - res.log_sum;
-    double gk = g[k];
-    if (p.support == Support::kRenorm) {
-      // log b_j = s'_j - logsumexp(s'): d/ds'_k = d_k - b_k * sum_j d_j
-      const double lb = (clamp ? clamp_min(s, c) : s) - log_norm_b;
-      gk -= std::exp(lb) * sum_d;
-    }
-    if (clamp && s < c) {
-      sum_clamped += gk;
-      gk = 0.0;
-    }
-    sum_g += gk;
-    g[k] = gk * p.loss_scale;
-  }
-  sum_g = p.support == Support::kRenorm ? -lanes.sum(sum_clamped) : lanes.sum(sum_g);
-  // u = 0 with an infinite d_b (FKL tail against a student tail that underflowed): the loss is
-  // inf and inf * 0 makes the row's gradient NaN - reported, not hidden.
-  const double tail_term = tail.d_b != 0.0 ? tail.d_b * student_tail : 0.0;
-  res.dense_coef = (sum_g + tail_term) * p.loss_scale;
-  res.outside_coef = tail.d_b * p.loss_scale;
-
-  res.loss = invalid ? td_nan() : loss * p.loss_scale;
+  res.dense_coef = dense * loss_scale;
+  res.outside_coef = outside * loss_scale;
+  res.loss = invalid ? td_nan() : loss * loss_scale;
   // A row whose loss is inf or NaN has no meaningful gradient: all NaN (DECISIONS 15), so the
   // backward cannot hand out a mix of inf, NaN and finite numbers that looks usable.
   if (!(res.loss - res.loss == 0.0)) res.dense_coef = td_nan();
   res.student_mass = Q;
   res.teacher_mass = P;
   return res;
+}
+
+// The per-row outputs beside the loss (SPEC 9.2), and the factors the backward scales their
+// upstream gradients by. has_label: labels were given; label < 0 is ignored.
+struct RowExtras {
+  double label_logprob;   // z_y / T - LSE; 0 ignored / masked; NaN for a label >= V
+  double entropy;         // -sum_v q_v log q_v; 0 masked or not asked for
+  double label_factor;    // 1, 0 where label_logprob is a constant 0, NaN for a label >= V
+  double entropy_factor;  // 1, or 0 (masked, not asked for)
+};
+
+template <typename acc_t>
+TD_HD RowExtras row_extras(const RowStats& st, double log_sum, bool counted, bool has_label,
+                           int64_t label, int64_t vocab_size, acc_t label_x, bool with_entropy) {
+  RowExtras e{0.0, 0.0, 0.0, 0.0};
+  if (!counted) return e;
+  if (has_label && label >= 0) {
+    if (label < vocab_size) {
+      e.label_logprob = (to_double(label_x) - st.row_max) - log_sum;
+      e.label_factor = 1.0;
+    } else {
+      e.label_logprob = td_nan();
+      e.label_factor = td_nan();
+    }
+  }
+  if (with_entropy) {
+    // H = -sum q log q with q = e_v / S, log q = t_v - log S: H = log S - (sum e_v t_v) / S.
+    e.entropy = log_sum - st.ent / (st.rest + st.teach);
+    e.entropy_factor = 1.0;
+  }
+  return e;
 }
 
 }  // namespace topk_distill
