@@ -1,5 +1,6 @@
 // Device helpers shared by the CUDA kernels of topk-distill: accumulation types, 16-byte packs,
-// deterministic block reductions and the per-block teacher-column bitmap. Device code: CUDA only
+// the logits' row layout, exp2 with log2(e) folded in, deterministic block reductions, the
+// mergeable per-row statistics and the per-block teacher-column bitmap. Device code: CUDA only
 // through portability.cuh (compiled by nvcc and by the emulator, see there).
 #pragma once
 
@@ -14,6 +15,8 @@
 TD_CUDA_NAMESPACE_BEGIN
 
 constexpr unsigned kFullMask = 0xffffffffu;
+constexpr double kLog2e = 1.4426950408889634074;
+constexpr double kLn2 = 0.69314718055994530942;
 
 // fp64 logits accumulate in fp64, everything else in fp32 (ops.h: acc_dtype).
 template <typename scalar_t>
@@ -26,16 +29,25 @@ constexpr int vec_of() { return 16 / static_cast<int>(sizeof(scalar_t)); }
 template <typename T>
 __device__ __forceinline__ T neg_inf() { return -std::numeric_limits<T>::infinity(); }
 template <typename T>
+__device__ __forceinline__ T pos_inf() { return std::numeric_limits<T>::infinity(); }
+template <typename T>
 __device__ __forceinline__ T quiet_nan() { return std::numeric_limits<T>::quiet_NaN(); }
+template <typename T>
+__device__ __forceinline__ T lowest() { return std::numeric_limits<T>::lowest(); }
 
-// exp for the O(V) streams: the SFU approximation in fp32 (ex2.approx, ~2 ulp plus the rounding
-// of its argument - far inside the fp32 tolerances, and the CPU kernels' own exp is a polynomial
-// approximation too), the libdevice exp in fp64.
-__device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
-__device__ __forceinline__ double fast_exp(double x) { return ::exp(x); }
+// 2^x for the O(V) streams. fp32: ex2.approx.ftz (one MUFU, no range fix-up; results below
+// 2^-126 flush to 0, as the CPU kernels' polynomial exp flushes them too; the emulator's is exact
+// exp2 with the same flush). fp64: the libdevice exp2. Callers fold log2(e) into their scale and
+// shift once per row (see shard_pass.cuh / backward.cuh for how the rounding of the folded
+// constant is corrected exactly), so no element pays a multiply by log2(e).
+__device__ __forceinline__ float fast_exp2(float x) { return exp2_approx_ftz(x); }
+__device__ __forceinline__ double fast_exp2(double x) { return ::exp2(x); }
 // exp for the O(K) terms and the merges of partial sums: correctly rounded to ~1 ulp.
 __device__ __forceinline__ float precise_exp(float x) { return ::expf(x); }
 __device__ __forceinline__ double precise_exp(double x) { return ::exp(x); }
+// max that ignores a NaN operand (one FMNMX): NaN is tracked apart, through the sums.
+__device__ __forceinline__ float max_ignore_nan(float a, float b) { return ::fmaxf(a, b); }
+__device__ __forceinline__ double max_ignore_nan(double a, double b) { return ::fmax(a, b); }
 
 template <typename scalar_t, int VEC>
 struct alignas(sizeof(scalar_t) * VEC) Pack {
@@ -57,6 +69,16 @@ __device__ __forceinline__ int misalignment(const scalar_t* p) {
                           static_cast<uintptr_t>(vec_of<scalar_t>()));
 }
 
+// Where row n of a [N, V] or [B, T, V] tensor starts (csrc/ops.h RowLayout, SPEC 9.1): element
+// offset (n / T) * outer + (n % T) * inner. Computed once per row, never per element.
+struct RowMap {
+  int64_t T, outer, inner;
+  __host__ __device__ __forceinline__ int64_t offset(int64_t n) const {
+    const int64_t b = n / T;
+    return b * outer + (n - b * T) * inner;
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Reductions. Every thread of the block gets the same result, computed in the same order, so
 // results are bitwise reproducible run to run. blockDim.x must be a multiple of 32 (<= 1024).
@@ -69,58 +91,102 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;  // IEEE addition commutes, so every lane holds the same bits
 }
 
-template <typename T>
-__device__ __forceinline__ T block_sum(T v, smem_ptr<T> scratch /* [32] */) {
+// Sums NV values over the block at once (one pair of barriers). scratch: [NV * 32].
+template <int NV, typename T>
+__device__ __forceinline__ void block_sum_n(T (&v)[NV], smem_ptr<T> scratch) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  v = warp_sum(v);
-  if (lane == 0) scratch[warp] = v;
+#pragma unroll
+  for (int j = 0; j < NV; ++j) v[j] = warp_sum(v[j]);
+  if (lane == 0) {
+#pragma unroll
+    for (int j = 0; j < NV; ++j) scratch[j * 32 + warp] = v[j];
+  }
   __syncthreads();
-  T r = lane < warps ? scratch[lane] : T(0);
-  r = warp_sum(r);
+#pragma unroll
+  for (int j = 0; j < NV; ++j) v[j] = warp_sum(lane < warps ? scratch[j * 32 + lane] : T(0));
   __syncthreads();  // scratch may be reused right away
-  return r;
 }
 
-// (max, sum of exp(x - max)) pairs. The merge is symmetric in its two arguments, NaN is sticky
-// and a -inf max (nothing but -inf seen) is the identity.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, smem_ptr<T> scratch /* [32] */) {
+  T a[1] = {v};
+  block_sum_n<1>(a, scratch);
+  return a[0];
+}
+
+// ---------------------------------------------------------------------------------------------
+// A row's (or a column range's) streaming statistics in natural units, mergeable:
+//   m     the max of z / T (NaN logits ignored: NaN is detected through the sums),
+//   rest  sum of exp(z/T - m) over the non-teacher columns,
+//   all   ... over every column (what the entropy sum's rescale needs),
+//   ent   sum over every column of exp(z/T - m) (z/T - m)  (entropy instantiation; else 0).
+// merge() is canonical: the operand with the larger m is always `hi`, and with equal m the
+// result is a plain sum, so merge(a, b) and merge(b, a) are the same expression with the same
+// roundings (FMAs spelled out with fma_rn): both lanes of a butterfly step hold identical bits.
+// A -inf m (nothing but -inf seen) contributes nothing; NaN sums stay NaN.
+// ---------------------------------------------------------------------------------------------
+
 template <typename acc_t>
-struct MaxSum {
-  acc_t m;
-  acc_t s;
+struct RowStat {
+  acc_t m, rest, all, ent;
 };
 
 template <typename acc_t>
-__device__ __forceinline__ MaxSum<acc_t> merge_max_sum(MaxSum<acc_t> a, MaxSum<acc_t> b) {
-  if (a.m != a.m || b.m != b.m) return {quiet_nan<acc_t>(), quiet_nan<acc_t>()};
-  if (a.m == neg_inf<acc_t>()) return b.m == neg_inf<acc_t>() ? MaxSum<acc_t>{a.m, a.s + b.s} : b;
-  if (b.m == neg_inf<acc_t>()) return a;
-  const acc_t m = a.m > b.m ? a.m : b.m;
-  return {m, a.s * precise_exp(a.m - m) + b.s * precise_exp(b.m - m)};
+__device__ __forceinline__ RowStat<acc_t> identity_stat() {
+  return {neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0)};
 }
 
 template <typename acc_t>
-__device__ __forceinline__ MaxSum<acc_t> warp_max_sum(MaxSum<acc_t> v) {
+__device__ __forceinline__ RowStat<acc_t> merge_stat(const RowStat<acc_t>& a,
+                                                     const RowStat<acc_t>& b) {
+  const bool a_hi = !(b.m > a.m);
+  // (field-wise selects, not references: a selected reference would put both in local memory)
+  const RowStat<acc_t> hi{a_hi ? a.m : b.m, a_hi ? a.rest : b.rest, a_hi ? a.all : b.all,
+                          a_hi ? a.ent : b.ent};
+  const RowStat<acc_t> lo{a_hi ? b.m : a.m, a_hi ? b.rest : a.rest, a_hi ? b.all : a.all,
+                          a_hi ? b.ent : a.ent};
+  if (hi.m == lo.m) return {hi.m, hi.rest + lo.rest, hi.all + lo.all, hi.ent + lo.ent};
+  if (lo.m == neg_inf<acc_t>() || hi.m == pos_inf<acc_t>()) {
+    // lo is worth nothing next to hi (0 * its sums keeps a NaN, drops the rest)
+    const acc_t zero = (lo.rest + lo.all + lo.ent) * acc_t(0);
+    return {hi.m, hi.rest + zero, hi.all + zero, hi.ent + zero};
+  }
+  const acc_t d = lo.m - hi.m;  // < 0
+  const acc_t f = precise_exp(d);
+  // S2' = (S2 + (m - m') S1_all) e^(m - m')  (SPEC 9.2)
+  return {hi.m, fma_rn(lo.rest, f, hi.rest), fma_rn(lo.all, f, hi.all),
+          fma_rn(fma_rn(d, lo.all, lo.ent), f, hi.ent)};
+}
+
+template <typename acc_t>
+__device__ __forceinline__ RowStat<acc_t> warp_merge_stat(RowStat<acc_t> v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
-    MaxSum<acc_t> other{__shfl_xor_sync(kFullMask, v.m, o), __shfl_xor_sync(kFullMask, v.s, o)};
-    v = merge_max_sum(v, other);
+    const RowStat<acc_t> other{__shfl_xor_sync(kFullMask, v.m, o),
+                               __shfl_xor_sync(kFullMask, v.rest, o),
+                               __shfl_xor_sync(kFullMask, v.all, o),
+                               __shfl_xor_sync(kFullMask, v.ent, o)};
+    v = merge_stat(v, other);
   }
   return v;
 }
 
+// Every thread gets the block's merge. scratch: [4 * 32].
 template <typename acc_t>
-__device__ __forceinline__ MaxSum<acc_t> block_max_sum(MaxSum<acc_t> v, smem_ptr<acc_t> sm /* [32] */,
-                                                       smem_ptr<acc_t> ss /* [32] */) {
+__device__ __forceinline__ RowStat<acc_t> block_merge_stat(RowStat<acc_t> v,
+                                                           smem_ptr<acc_t> scratch) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  v = warp_max_sum(v);
+  v = warp_merge_stat(v);
   if (lane == 0) {
-    sm[warp] = v.m;
-    ss[warp] = v.s;
+    scratch[warp] = v.m;
+    scratch[32 + warp] = v.rest;
+    scratch[64 + warp] = v.all;
+    scratch[96 + warp] = v.ent;
   }
   __syncthreads();
-  MaxSum<acc_t> r = lane < warps ? MaxSum<acc_t>{sm[lane], ss[lane]}
-                                 : MaxSum<acc_t>{neg_inf<acc_t>(), acc_t(0)};
-  r = warp_max_sum(r);
+  RowStat<acc_t> r = identity_stat<acc_t>();
+  if (lane < warps) r = {scratch[lane], scratch[32 + lane], scratch[64 + lane], scratch[96 + lane]};
+  r = warp_merge_stat(r);
   __syncthreads();
   return r;
 }
@@ -130,53 +196,40 @@ __device__ __forceinline__ MaxSum<acc_t> block_max_sum(MaxSum<acc_t> v, smem_ptr
 // Bit (j - r0 + sh) marks column j, with sh = (mis + r0) % VEC chosen so that every 16-byte
 // aligned column lands on a bit index that is a multiple of VEC: the VEC bits of a packed load
 // then sit in one 32-bit word and cost one shared-memory read. Words needed:
-// bitmap_words(range) (one spare so that a shift never reads past the end).
+// bitmap_words(range) (launch_geometry.h; one spare so that a shift never reads past the end).
 // ---------------------------------------------------------------------------------------------
-
-__host__ __device__ constexpr int64_t bitmap_words(int64_t range) { return (range + 64) / 32 + 1; }
-
-// Marks the in-range teacher columns; returns (to every thread) whether some column was marked
-// twice, i.e. the row has a repeated id in this range. Ends with a block barrier.
-template <typename id_t>
-__device__ __forceinline__ bool mark_teacher_columns(smem_ptr<uint32_t> bm, const id_t* ids, int64_t K,
-                                                     int64_t vocab_start, int64_t r0, int64_t r1,
-                                                     int sh) {
-  int dup = 0;
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-    const int64_t id = static_cast<int64_t>(ids[k]);
-    if (id < 0) continue;  // padding
-    const int64_t c = id - vocab_start;
-    if (c < r0 || c >= r1) continue;  // another shard / another block's range / invalid id
-    const int64_t b = c - r0 + sh;
-    const uint32_t bit = 1u << (b & 31);
-    dup |= (atomicOr(&bm[b >> 5], bit) & bit) != 0;
-  }
-  return __syncthreads_or(dup) != 0;
-}
-
-// Undoes mark_teacher_columns (whole words: they hold no other marks afterwards). The caller
-// must have a barrier between the last bitmap read and this, and another before the next mark.
-template <typename id_t>
-__device__ __forceinline__ void clear_teacher_columns(smem_ptr<uint32_t> bm, const id_t* ids, int64_t K,
-                                                      int64_t vocab_start, int64_t r0, int64_t r1,
-                                                      int sh) {
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-    const int64_t id = static_cast<int64_t>(ids[k]);
-    if (id < 0) continue;
-    const int64_t c = id - vocab_start;
-    if (c < r0 || c >= r1) continue;
-    bm[(c - r0 + sh) >> 5] = 0u;
-  }
-}
 
 __device__ __forceinline__ void zero_bitmap(smem_ptr<uint32_t> bm, int64_t words) {
   for (int64_t i = threadIdx.x; i < words; i += blockDim.x) bm[i] = 0u;
   __syncthreads();
 }
 
+// Undoes the marks of the in-range teacher columns (whole words: they hold no other marks).
+// The caller must have a barrier between the last bitmap read and this, and another before the
+// next marks.
+template <typename id_t>
+__device__ __forceinline__ void clear_teacher_columns(smem_ptr<uint32_t> bm, const id_t* ids,
+                                                      int64_t K, int64_t vocab_start, int64_t r0,
+                                                      int64_t r1, int sh) {
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+    const int64_t c = static_cast<int64_t>(ids[k]) - vocab_start;
+    if (ids[k] < 0 || c < r0 || c >= r1) continue;
+    bm[(c - r0 + sh) >> 5] = 0u;
+  }
+}
+
 template <int VEC>
-__device__ __forceinline__ uint32_t bitmap_bits(smem_ptr<const uint32_t> bm, int64_t b) {
+__device__ __forceinline__ uint32_t bitmap_bits(smem_ptr<const uint32_t> bm, int b) {
   return (bm[b >> 5] >> (b & 31)) & ((VEC >= 32) ? kFullMask : ((1u << VEC) - 1u));
+}
+
+// The first copy of each repeated id (lowest k) in a row that has repeats: the host sorts each
+// row's ids once (stable: at::sort), so entry k = order[p] is the first copy of its id iff p == 0
+// or sorted[p - 1] != sorted[p], and its copies are the run sorted[p..]. O(K) per row after an
+// O(K log K) sort, instead of an O(K^2) scan.
+template <typename id_t>
+__device__ __forceinline__ bool first_in_run(const id_t* sorted, int64_t p) {
+  return p == 0 || sorted[p - 1] != sorted[p];
 }
 
 TD_CUDA_NAMESPACE_END

@@ -1,26 +1,37 @@
-// CUDA shard pass, device code: one read of this rank's logits (semantics: csrc/registration.cpp, and the CPU
-// kernel csrc/cpu/shard_pass.cpp, which this matches entry for entry).
+// CUDA shard pass, device code: one read of this rank's logits (semantics: the shard_pass schema
+// in csrc/registration.cpp; the CPU kernel csrc/cpu/shard_pass.cpp computes the same).
 //
 // Memory traffic: reads N * V_r logits once, in 16-byte packs wherever the row allows it (a
-// scalar prologue up to the first aligned column and a scalar tail handle any row stride,
-// storage offset and V_r); reads the N * K ids twice and the in-shard teacher logits once more
-// (K scattered elements per row, L2 hits mostly); writes N * (4 + K) acc values. Nothing of
-// size [N, V_r] is allocated; the split path adds a [N, splits, 3] workspace.
+// scalar prologue up to the first aligned column and a scalar tail handle any row start and
+// V_r); reads the N * K ids once (twice on the split path, or for a row with a repeated id) and
+// each in-shard teacher logit once more (K scattered elements per row, issued while marking so
+// that their latency hides behind the stream); writes N * (6 + K + L) acc values. Nothing of size
+// [N, V_r] is allocated; the split path adds a [N, splits, 8] workspace.
 //
 // Work split: one block per (row, column range). With enough rows a range is the whole row;
 // with few long rows (N * V_r >> N, e.g. N = 64, V_r = 262144) each row is cut into ranges of
-// >= 8192 columns so that ~4 blocks per SM are busy, and a second tiny kernel (one block per
-// row) merges the per-range (max, sum) pairs. Per block:
-//   1. the row's in-range teacher columns are marked in a shared-memory bitmap (atomicOr, which
-//      also detects repeated ids);
-//   2. every thread streams its packs once, keeping an online (max, sum of exp) over the
-//      columns that are NOT marked ("rest") - the max over all columns;
-//   3. a deterministic block reduction gives the range's (max, rest);
-//   4. the row's finaliser (same kernel without split, else the combine kernel) gathers the
-//      K teacher logits and sums exp(x_k - M) over the distinct ("teach") and the repeated
-//      ("dup") in-shard entries; a row with a repeated id decides "first copy" = lowest k by a
-//      scan of the earlier ids (rows without repeats, the normal case, skip it).
-// Accumulation is fp32 (fp64 for fp64 logits); a NaN logit makes the row's max and sums NaN.
+// >= 8192 columns so that ~4 blocks per SM are busy, and a second small kernel (one block per
+// row) merges the ranges' statistics and finalises the row. Per block:
+//   1. marks: the row's in-range teacher columns are set in a shared-memory bitmap (atomicOr,
+//      which also counts the distinct columns and detects a repeated id); without a split, each
+//      thread also issues the load of its first teacher logit here;
+//   2. the stream: every thread reads its packs once, keeping in registers the raw max zmax and,
+//      relative to shift = zmax * c (c = log2(e) / T, rounded once), rest = sum of
+//      2^(z c - shift) over the unmarked columns (and, with entropy, the marked columns' sum and
+//      sum 2^y * y). The common iteration (4 packs, no new max, no marked column) is a loop of
+//      its own: per logit one convert, one FMNMX, one FFMA, one MUFU.EX2 (ftz) and one FADD; a
+//      new max or a marked column leaves it for one iteration that rescales and masks;
+//   3. each thread converts its sums to natural units relative to M = zmax / T (the rounding of
+//      c and of the shift is undone exactly, in fp64, by one factor per thread), then a
+//      deterministic block merge gives the range's (M, rest, all, ent);
+//   4. the row's finaliser (same kernel without split, else the combine kernel) writes the
+//      gathered logits and sums exp(x_k - M) over the distinct ("teach") and repeated ("dup")
+//      in-shard entries - for a row with a repeat, in the order of the host's stable sort of
+//      the row's ids (first copy = lowest k), O(K) - and the label's logit.
+// NaN: the max ignores NaN (one FMNMX); a NaN logit shows in rest (non-teacher column) or in its
+// gathered value (teacher column); a range whose max is +inf (where inf - inf also makes NaN) is
+// rescanned for NaN. A NaN logit makes the row's max and all its sums NaN, as on the CPU.
+// Accumulation is fp32 (fp64 for fp64 logits).
 //
 // Device code only: CUDA through portability.cuh; the host launcher is csrc/cuda/shard_pass.cu.
 #pragma once
@@ -31,192 +42,378 @@
 
 TD_CUDA_NAMESPACE_BEGIN
 
-// Threads per block: at most this (threads_for), two blocks per SM (__launch_bounds__).
-constexpr int kShardPassMaxThreads = 512;
+// Threads per block: at most this (threads_for), four blocks per SM (__launch_bounds__: 64
+// registers). 256 x 4 rather than 512 x 2: the same registers and threads per SM, but while one
+// block is in its prologue (marks) or epilogue (reductions, gathers) three quarters of the SM
+// still stream instead of half.
+// fp64 (not budgeted; its libdevice exp2 alone needs more) gets two blocks, 128 registers.
+constexpr int kShardPassMaxThreads = 256;
+template <typename scalar_t>
+constexpr int shard_pass_min_blocks() { return sizeof(scalar_t) == 8 ? 2 : 4; }
 constexpr int kShardCombineThreads = 128;
+constexpr int kPartialFields = 8;  // m, rest, all, ent, distinct columns, NaN, repeat, (spare)
 
 template <typename scalar_t, typename id_t>
 struct ShardArgs {
+  using acc_t = acc_of<scalar_t>;
   const scalar_t* logits;
-  int64_t row_stride;
+  RowMap rows;
   int64_t N, V, K;
-  const id_t* ids;
+  const id_t* ids;         // [N, K]
+  const id_t* sorted;      // [N, K]: each row's ids sorted (stable), or null when K <= 1
+  const int64_t* order;    // [N, K]: their positions k
+  const int64_t* labels;   // [N] or null
   int64_t vocab_start;
-  acc_of<scalar_t> inv_t;
+  acc_t inv_t;             // fl(inv_temperature)
+  acc_t c;                 // fl(inv_t * log2(e))
+  double c_ln2_minus_inv_t;  // c * ln2 - inv_t in fp64: the relative rounding of c, times inv_t
   int64_t splits, chunk, bitmap_words;
-  acc_of<scalar_t>* row_max;   // [N]
-  acc_of<scalar_t>* sums;      // [N, 3]
-  acc_of<scalar_t>* gathered;  // [N, K]
-  acc_of<scalar_t>* partials;  // [N, splits, 3] (split path only): max, rest, repeated-id flag
+  acc_t* row_max;          // [N]
+  acc_t* sums;             // [N, 5]
+  acc_t* gathered;         // [N, K + L]
+  int64_t gathered_cols;   // K + L
+  acc_t* partials;         // [N, splits, kPartialFields] (split path only)
 };
 
-// Folds VEC consecutive columns into a thread's online (max, rest). tbits: the teacher marks
-// of the columns (bit i = column i), which count towards the max but not the sum.
-template <int VEC, typename acc_t>
-__device__ __forceinline__ void accumulate(acc_t& m, acc_t& s, bool& nan, const acc_t (&x)[VEC],
-                                           uint32_t tbits, acc_t inv_t) {
-  acc_t cm = x[0];
-  bool cn = x[0] != x[0];
-#pragma unroll
-  for (int i = 1; i < VEC; ++i) {
-    cm = cm > x[i] ? cm : x[i];
-    cn |= x[i] != x[i];
+// ---------------------------------------------------------------------------------------------
+// The stream: one thread's running state, in base 2 (see the file comment).
+// ---------------------------------------------------------------------------------------------
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t ent_floor() {
+  // e * max(y, floor) == e * y except where e == 0 (y = -inf: 0 * -inf would be NaN)
+  return std::is_same_v<acc_t, float> ? acc_t(-256) : acc_t(-2048);
+}
+
+template <typename acc_t, bool kEnt>
+struct StreamState {
+  acc_t zmax;   // max raw logit seen (NaN ignored)
+  acc_t shift;  // fl(zmax * c), clamped above -inf: the base-2 reference of the sums
+  acc_t rest;   // sum over unmarked columns of 2^(z c - shift)
+  acc_t tsum;   // kEnt: ... over marked columns
+  acc_t ent;    // kEnt: sum over all columns of 2^y * y, y = z c - shift
+
+  __device__ __forceinline__ void init() {
+    zmax = neg_inf<acc_t>();
+    shift = lowest<acc_t>();  // finite: an all -inf range gives 2^-inf = 0, never -inf + inf
+    rest = tsum = ent = acc_t(0);
   }
-  nan |= cn;
-  cm *= inv_t;  // max(z) / T == max(z / T): rounding is monotone
-  if (cm > m) {
-    s *= fast_exp(m - cm);  // exp(-inf) = 0 while nothing but -inf was seen
-    m = cm;
+
+  // cm: the max of some new raw logits. Rare after the first packs of a row.
+  __device__ __forceinline__ void raise(acc_t cm, acc_t c) {
+    if (!(cm > zmax)) return;
+    const acc_t ns = max_ignore_nan(cm * c, lowest<acc_t>());
+    if (zmax != neg_inf<acc_t>()) {  // (before: nothing but -inf / NaN, sums 0 or NaN)
+      const acc_t d = shift - ns;
+      const acc_t f = fast_exp2(d);
+      if constexpr (kEnt) {
+        // y' = y + d, e' = e 2^d:  sum e' y' = 2^d (sum e y + d sum_all e)
+        ent = fma_rn(d, rest + tsum, ent) * f;
+        tsum *= f;
+      }
+      rest *= f;
+    }
+    zmax = cm;
+    shift = ns;
   }
-  if (m != neg_inf<acc_t>()) {
+
+  // VEC columns, none marked, none above zmax: the hot path.
+  template <int VEC>
+  __device__ __forceinline__ void add_fast(const acc_t (&x)[VEC], acc_t c) {
+    acc_t e[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      const acc_t e = fast_exp(fma_rn(x[i], inv_t, -m));  // one rounding, as the CPU kernel
-      s += ((tbits >> i) & 1u) ? acc_t(0) : e;
+      const acc_t y = fma_rn(x[i], c, -shift);
+      e[i] = fast_exp2(y);
+      if constexpr (kEnt) ent = fma_rn(e[i], max_ignore_nan(y, ent_floor<acc_t>()), ent);
+    }
+#pragma unroll
+    for (int w = 1; w < VEC; w *= 2) {  // pairwise: shorter dependency chains, same count
+#pragma unroll
+      for (int i = 0; i + w < VEC; i += 2 * w) e[i] += e[i + w];
+    }
+    rest += e[0];
+  }
+
+  // VEC columns with their marks (bit i = column i); raise() must have seen their max.
+  template <int VEC>
+  __device__ __forceinline__ void add_masked(const acc_t (&x)[VEC], uint32_t bits, acc_t c) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const acc_t y = fma_rn(x[i], c, -shift);
+      const acc_t e = fast_exp2(y);
+      const bool marked = (bits >> i) & 1u;
+      rest += marked ? acc_t(0) : e;
+      if constexpr (kEnt) {
+        tsum += marked ? e : acc_t(0);
+        ent = fma_rn(e, max_ignore_nan(y, ent_floor<acc_t>()), ent);
+      }
     }
   }
-}
 
-// This block's (max, rest) over the columns [r0, r1) of row z. Every thread gets the result.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ MaxSum<acc_t> range_max_rest(const scalar_t* z, int64_t r0, int64_t r1,
-                                                        int sh, smem_ptr<const uint32_t> bm,
-                                                        acc_t inv_t, smem_ptr<acc_t> red_m,
-                                                        smem_ptr<acc_t> red_s) {
+  // In natural units relative to M = zmax * inv_t (rounded as the CPU kernel does). Element v
+  // was summed as 2^(y_v), y_v = fl(x_v c - shift); exp(x_v inv_t - M) = 2^(y_v) * exp(lnr)
+  // with lnr = shift ln2 - M - x_v (c ln2 - inv_t), up to (zmax - x_v)(c ln2 - inv_t) - a
+  // relative 6e-6 on an element e^100 below the max - so one factor per thread, computed in
+  // fp64 from exact products, undoes the rounding of c and of the shift. With |z| ~ 1e4 the
+  // shift alone is off by ~1e-3, which this restores to the CPU kernel's accuracy.
+  __device__ __forceinline__ RowStat<acc_t> finish(acc_t inv_t, double c_ln2_minus_inv_t) const {
+    const acc_t all = kEnt ? rest + tsum : rest;
+    if (!(zmax > neg_inf<acc_t>() && zmax < pos_inf<acc_t>())) {
+      return {zmax, rest, all, kEnt ? ent : acc_t(0)};
+    }
+    const acc_t M = zmax * inv_t;
+    const double lnr = static_cast<double>(shift) * kLn2 - static_cast<double>(M) -
+                       static_cast<double>(zmax) * c_ln2_minus_inv_t;
+    const acc_t corr = static_cast<acc_t>(::exp(lnr));
+    acc_t s2 = acc_t(0);
+    if constexpr (kEnt) {
+      s2 = corr * (ent * static_cast<acc_t>(kLn2) + static_cast<acc_t>(lnr) * all);
+    }
+    return {M, rest * corr, all * corr, s2};
+  }
+};
+
+// This thread's share of the columns [r0, r1) of row z (the block streams them together), in
+// natural units. bm: the range's marks, sh its bit shift. Ranges have <= kMaxBlockCols columns:
+// 32-bit positions.
+template <typename scalar_t, bool kEnt>
+__device__ __forceinline__ RowStat<acc_of<scalar_t>> stream_range(
+    const scalar_t* z, int64_t r0, int64_t r1, int sh, smem_ptr<const uint32_t> bm,
+    acc_of<scalar_t> inv_t, acc_of<scalar_t> c, double c_ln2_minus_inv_t) {
+  using acc_t = acc_of<scalar_t>;
   constexpr int VEC = vec_of<scalar_t>();
-  constexpr int U = 4;  // packs in flight per thread
+  // packs in flight per thread (fp64: 2, so that the slow path's fp64 exp2 fits 64 registers)
+  constexpr int U = sizeof(scalar_t) == 8 ? 2 : 4;
+  constexpr uint32_t kPackMask = (VEC >= 32) ? kFullMask : ((1u << VEC) - 1u);
   const int B = blockDim.x;
-  acc_t m = neg_inf<acc_t>(), s = acc_t(0);
-  bool nan = false;
+  StreamState<acc_t, kEnt> st;
+  st.init();
 
-  const int64_t j0 = std::min<int64_t>(r1, r0 + (VEC - sh) % VEC);  // first aligned column
-  const int64_t npk = (r1 - j0) / VEC;
-  const int64_t jt = j0 + npk * VEC;  // first tail column
-  const int64_t n_pro = j0 - r0, n_scalar = n_pro + (r1 - jt);
-  for (int64_t t = threadIdx.x; t < n_scalar; t += B) {
-    const int64_t j = t < n_pro ? r0 + t : jt + (t - n_pro);
-    const acc_t x[1] = {static_cast<acc_t>(z[j])};
-    const int64_t b = j - r0 + sh;
-    accumulate<1>(m, s, nan, x, (bm[b >> 5] >> (b & 31)) & 1u, inv_t);
+  const scalar_t* zr = z + r0;
+  const int len = static_cast<int>(r1 - r0);
+  const int j0 = min(len, (VEC - sh) % VEC);  // first 16-byte aligned column of the range
+  const int npk = (len - j0) / VEC;
+  const int jt = j0 + npk * VEC;  // first tail column
+  const int n_scalar = j0 + (len - jt);
+  for (int t = threadIdx.x; t < n_scalar; t += B) {
+    const int j = t < j0 ? t : jt + (t - j0);
+    const acc_t x[1] = {static_cast<acc_t>(zr[j])};
+    st.raise(x[0], c);
+    const int b = j + sh;
+    st.template add_masked<1>(x, (bm[b >> 5] >> (b & 31)) & 1u, c);
   }
 
-  const scalar_t* zp = z + j0;
-  const int64_t b0 = j0 - r0 + sh;  // a multiple of VEC
-  int64_t i = threadIdx.x;
-  for (; i + (U - 1) * B < npk; i += U * B) {
-    acc_t x[U][VEC];
-    uint32_t tb[U];
+  const scalar_t* zp = zr + j0;
+  const int b0 = j0 + sh;             // bit of the first packed column: a multiple of VEC
+  const int wstride = B * VEC / 32;   // bitmap words between a thread's consecutive packs
+  int i = threadIdx.x;
+  acc_t x[U][VEC];
+  // Outer loop: one "slow" iteration (new max or a marked column) per pass; the inner loop is
+  // the common case and contains nothing else, so its code is the hot loop.
+  while (i + (U - 1) * B < npk) {
+    bool slow = false;
+    acc_t cm;
+    int sb;
+    uint32_t w[U];
+    do {
 #pragma unroll
-    for (int u = 0; u < U; ++u) load_pack<acc_t, scalar_t, VEC>(zp + (i + u * B) * VEC, x[u]);
+      for (int u = 0; u < U; ++u) load_pack<acc_t, scalar_t, VEC>(zp + (i + u * B) * VEC, x[u]);
+      const int bit = b0 + i * VEC;
+      sb = bit & 31;
 #pragma unroll
-    for (int u = 0; u < U; ++u) tb[u] = bitmap_bits<VEC>(bm, b0 + (i + u * B) * VEC);
+      for (int u = 0; u < U; ++u) w[u] = bm[(bit >> 5) + u * wstride];
+      cm = x[0][0];
 #pragma unroll
-    for (int u = 0; u < U; ++u) accumulate<VEC>(m, s, nan, x[u], tb[u], inv_t);
+      for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) cm = max_ignore_nan(cm, x[u][e]);
+      }
+      uint32_t any = w[0];
+#pragma unroll
+      for (int u = 1; u < U; ++u) any |= w[u];
+      slow = (cm > st.zmax) || (((any >> sb) & kPackMask) != 0u);
+      if (slow) break;
+#pragma unroll
+      for (int u = 0; u < U; ++u) st.template add_fast<VEC>(x[u], c);
+      i += U * B;
+    } while (i + (U - 1) * B < npk);
+    if (!slow) break;
+    st.raise(cm, c);
+#pragma unroll
+    for (int u = 0; u < U; ++u) st.template add_masked<VEC>(x[u], (w[u] >> sb) & kPackMask, c);
+    i += U * B;
   }
   for (; i < npk; i += B) {
-    acc_t x[VEC];
-    load_pack<acc_t, scalar_t, VEC>(zp + i * VEC, x);
-    accumulate<VEC>(m, s, nan, x, bitmap_bits<VEC>(bm, b0 + i * VEC), inv_t);
+    acc_t y[VEC];
+    load_pack<acc_t, scalar_t, VEC>(zp + i * VEC, y);
+    acc_t cm = y[0];
+#pragma unroll
+    for (int e = 1; e < VEC; ++e) cm = max_ignore_nan(cm, y[e]);
+    st.raise(cm, c);
+    st.template add_masked<VEC>(y, bitmap_bits<VEC>(bm, b0 + i * VEC), c);
   }
-  if (nan) m = quiet_nan<acc_t>();
-  return block_max_sum<acc_t>({m, s}, red_m, red_s);
+  return st.finish(inv_t, c_ln2_minus_inv_t);
 }
 
-// Gathers the row's teacher logits and writes row_max, sums and gathered for row n.
-template <typename scalar_t, typename acc_t, typename id_t>
+// Does [r0, r1) of row z hold a NaN? (Only asked for a range whose max is +inf.) Block-uniform.
+template <typename scalar_t>
+__device__ __forceinline__ bool range_has_nan(const scalar_t* z, int64_t r0, int64_t r1) {
+  int nan = 0;
+  for (int64_t j = r0 + threadIdx.x; j < r1; j += blockDim.x) {
+    const float x = static_cast<float>(z[j]);
+    nan |= x != x;
+  }
+  return __syncthreads_or(nan) != 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The row's finaliser: gathered logits (teacher entries, label), teach / dup / distinct count,
+// NaN, and the outputs of row n. Per thread: `fresh` (distinct columns it marked), `nan` (a
+// NaN it knows of), z0 (the raw logit of its entry k = threadIdx.x, loaded while marking, when
+// have_z0). `repeat` is block-uniform.
+// ---------------------------------------------------------------------------------------------
+
+template <bool kEnt, typename scalar_t, typename id_t, typename acc_t>
 __device__ __forceinline__ void finalize_row(const ShardArgs<scalar_t, id_t>& a, int64_t n,
-                                             MaxSum<acc_t> mr, bool has_repeat,
-                                             smem_ptr<acc_t> scratch) {
-  const scalar_t* z = a.logits + n * a.row_stride;
+                                             const RowStat<acc_t>& st, bool repeat, acc_t fresh,
+                                             int nan, bool have_z0, scalar_t z0,
+                                             smem_ptr<acc_t> red) {
+  const scalar_t* z = a.logits + a.rows.offset(n);
   const id_t* ids = a.ids + n * a.K;
-  acc_t* x_out = a.gathered + n * a.K;
-  const acc_t M = mr.m;
+  acc_t* x_out = a.gathered + n * a.gathered_cols;
+  const acc_t M = st.m;
   acc_t teach = acc_t(0), dup = acc_t(0);
   for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x) {
     const int64_t id = static_cast<int64_t>(ids[k]);
     const int64_t c = id - a.vocab_start;
-    if (id < 0 || c < 0 || c >= a.V) {
-      x_out[k] = acc_t(0);
-      continue;
+    const bool in = id >= 0 && c >= 0 && c < a.V;
+    acc_t x = acc_t(0);
+    if (in) {
+      const scalar_t raw = (have_z0 && k == threadIdx.x) ? z0 : z[c];
+      x = static_cast<acc_t>(raw) * a.inv_t;
+      nan |= x != x;
+      if (!repeat) teach += precise_exp(x - M);
     }
-    const acc_t x = static_cast<acc_t>(z[c]) * a.inv_t;
     x_out[k] = x;
-    const acc_t e = precise_exp(x - M);
-    bool first = true;
-    if (has_repeat) {
-      for (int64_t k2 = 0; k2 < k; ++k2) {
-        if (static_cast<int64_t>(ids[k2]) == id) {
-          first = false;
-          break;
-        }
-      }
-    }
-    if (first) teach += e;
-    else dup += e;
   }
-  teach = block_sum(teach, scratch);
-  dup = block_sum(dup, scratch);
+  if (repeat) {  // (block-uniform) first copy = lowest k, in the sorted order
+    __syncthreads();  // the gathered values above are visible to the block
+    const id_t* sorted = a.sorted + n * a.K;
+    const int64_t* order = a.order + n * a.K;
+    for (int64_t p = threadIdx.x; p < a.K; p += blockDim.x) {
+      const int64_t id = static_cast<int64_t>(sorted[p]);
+      const int64_t c = id - a.vocab_start;
+      if (id < 0 || c < 0 || c >= a.V) continue;
+      const acc_t e = precise_exp(x_out[order[p]] - M);
+      if (first_in_run(sorted, p)) teach += e;
+      else dup += e;
+    }
+  }
+  if (a.gathered_cols > a.K && threadIdx.x == blockDim.x - 1) {  // the label's logit
+    const int64_t c = a.labels[n] - a.vocab_start;
+    const bool in = a.labels[n] >= 0 && c >= 0 && c < a.V;
+    x_out[a.K] = in ? static_cast<acc_t>(z[c]) * a.inv_t : acc_t(0);
+  }
+  acc_t v[4] = {teach, dup, fresh, static_cast<acc_t>(nan)};
+  block_sum_n<4>(v, red);
   if (threadIdx.x == 0) {
-    a.row_max[n] = M;
-    a.sums[3 * n + 0] = mr.s;
-    a.sums[3 * n + 1] = teach;
-    a.sums[3 * n + 2] = dup;
+    const bool row_nan = v[3] != acc_t(0);
+    const acc_t qn = quiet_nan<acc_t>();
+    acc_t* s = a.sums + n * 5;
+    a.row_max[n] = row_nan ? qn : M;
+    s[0] = row_nan ? qn : st.rest;
+    s[1] = row_nan ? qn : v[0];
+    s[2] = row_nan ? qn : v[1];
+    s[3] = row_nan ? qn : v[2];
+    s[4] = row_nan ? qn : (kEnt ? st.ent : acc_t(0));
   }
 }
 
-template <typename scalar_t, typename id_t, bool kSplit>
-__global__ void __launch_bounds__(kShardPassMaxThreads, 2)
+template <typename scalar_t, typename id_t, bool kEnt>
+__global__ void __launch_bounds__(kShardPassMaxThreads, shard_pass_min_blocks<scalar_t>())
     shard_pass_kernel(const ShardArgs<scalar_t, id_t> a) {
   using acc_t = acc_of<scalar_t>;
   constexpr int VEC = vec_of<scalar_t>();
   const smem_ptr<uint32_t> bm = dynamic_shared_memory<uint32_t>();
-  TD_SHARED_ARRAY(acc_t, red_m, 32);
-  TD_SHARED_ARRAY(acc_t, red_s, 32);
+  TD_SHARED_ARRAY(acc_t, red, 4 * 32);
 
   zero_bitmap(bm, a.bitmap_words);
+  const bool split = a.splits > 1;
   const int64_t work = a.N * a.splits;
   for (int64_t w = blockIdx.x; w < work; w += gridDim.x) {
     const int64_t n = w / a.splits, sp = w - n * a.splits;
     const int64_t r0 = sp * a.chunk, r1 = std::min(a.V, r0 + a.chunk);
-    const scalar_t* z = a.logits + n * a.row_stride;
+    const scalar_t* z = a.logits + a.rows.offset(n);
     const id_t* ids = a.ids + n * a.K;
     const int sh = static_cast<int>((misalignment(z) + r0) % VEC);
 
-    const bool repeat = mark_teacher_columns(bm, ids, a.K, a.vocab_start, r0, r1, sh);
-    const MaxSum<acc_t> mr = range_max_rest<scalar_t, acc_t>(z, r0, r1, sh, bm, a.inv_t, red_m, red_s);
-    // (range_max_rest ends with barriers: nobody reads the bitmap any more)
+    // 1. marks (and, for a whole row, the first teacher logit's load: in flight during the stream)
+    acc_t fresh = acc_t(0);
+    int rep = 0;
+    scalar_t z0 = static_cast<scalar_t>(0.0f);
+    for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x) {
+      const int64_t id = static_cast<int64_t>(ids[k]);
+      const int64_t c = id - a.vocab_start;
+      if (id < 0 || c < r0 || c >= r1) continue;  // padding / another shard or range / invalid
+      if (!split && k == threadIdx.x) z0 = z[c];
+      const int b = static_cast<int>(c - r0) + sh;
+      const uint32_t bit = 1u << (b & 31);
+      if (atomicOr(&bm[b >> 5], bit) & bit) rep = 1;
+      else fresh += acc_t(1);
+    }
+    const bool repeat = __syncthreads_or(rep) != 0;
+
+    // 2-3. the stream and the block merge (which ends with a barrier: no bitmap read after it)
+    RowStat<acc_t> st = stream_range<scalar_t, kEnt>(z, r0, r1, sh, bm, a.inv_t, a.c,
+                                                     a.c_ln2_minus_inv_t);
+    st = block_merge_stat(st, red);
+    int nan = (st.rest != st.rest) || (st.all != st.all) || (st.ent != st.ent);
+    if (st.m == pos_inf<acc_t>()) nan = range_has_nan(z, r0, r1);  // (block-uniform)
     clear_teacher_columns(bm, ids, a.K, a.vocab_start, r0, r1, sh);
-    if constexpr (kSplit) {
+
+    if (split) {
+      const acc_t count = block_sum(fresh, red);
       if (threadIdx.x == 0) {
-        a.partials[3 * w + 0] = mr.m;
-        a.partials[3 * w + 1] = mr.s;
-        a.partials[3 * w + 2] = repeat ? acc_t(1) : acc_t(0);
+        acc_t* p = a.partials + w * kPartialFields;
+        p[0] = st.m;
+        p[1] = st.rest;
+        p[2] = st.all;
+        p[3] = st.ent;
+        p[4] = count;
+        p[5] = nan ? acc_t(1) : acc_t(0);
+        p[6] = repeat ? acc_t(1) : acc_t(0);
+        p[7] = acc_t(0);
       }
     } else {
-      finalize_row<scalar_t, acc_t, id_t>(a, n, mr, repeat, red_m);
+      finalize_row<kEnt>(a, n, st, repeat, fresh, threadIdx.x == 0 ? nan : 0, true, z0, red);
     }
     __syncthreads();  // clears done before the next row's marks
   }
 }
 
-// Split path, step 2: one block per row merges the ranges' (max, rest) and finalises the row.
-template <typename scalar_t, typename id_t>
+// Split path, step 2: one block per row merges the ranges' statistics and finalises the row.
+template <typename scalar_t, typename id_t, bool kEnt>
 __global__ void __launch_bounds__(kShardCombineThreads)
     shard_combine_kernel(const ShardArgs<scalar_t, id_t> a) {
   using acc_t = acc_of<scalar_t>;
-  TD_SHARED_ARRAY(acc_t, red_m, 32);
-  TD_SHARED_ARRAY(acc_t, red_s, 32);
+  TD_SHARED_ARRAY(acc_t, red, 4 * 32);
   for (int64_t n = blockIdx.x; n < a.N; n += gridDim.x) {
-    const acc_t* part = a.partials + 3 * n * a.splits;
-    MaxSum<acc_t> v{neg_inf<acc_t>(), acc_t(0)};
-    int repeat = 0;
+    const acc_t* part = a.partials + n * a.splits * kPartialFields;
+    RowStat<acc_t> st = identity_stat<acc_t>();
+    acc_t fresh = acc_t(0);
+    int nan = 0, rep = 0;
     for (int64_t sp = threadIdx.x; sp < a.splits; sp += blockDim.x) {
-      v = merge_max_sum(v, MaxSum<acc_t>{part[3 * sp], part[3 * sp + 1]});
-      repeat |= part[3 * sp + 2] != acc_t(0);
+      const acc_t* p = part + sp * kPartialFields;
+      st = merge_stat(st, RowStat<acc_t>{p[0], p[1], p[2], p[3]});
+      fresh += p[4];
+      nan |= p[5] != acc_t(0);
+      rep |= p[6] != acc_t(0);
     }
-    const bool has_repeat = __syncthreads_or(repeat) != 0;
-    v = block_max_sum(v, red_m, red_s);
-    finalize_row<scalar_t, acc_t, id_t>(a, n, v, has_repeat, red_m);
+    st = block_merge_stat(st, red);
+    const bool repeat = __syncthreads_or(rep) != 0;
+    finalize_row<kEnt>(a, n, st, repeat, fresh, nan, false, static_cast<scalar_t>(0.0f), red);
+    __syncthreads();
   }
 }
 
