@@ -5,7 +5,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sort.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "../ops.h"
 #include "host_runtime.h"
@@ -14,65 +17,103 @@
 TD_CUDA_NAMESPACE_BEGIN
 namespace {
 
-void backward_into(const at::Tensor& logits, const at::Tensor& teacher_ids,
-                   const at::Tensor& row_max, const at::Tensor& row_coefs,
-                   const at::Tensor& grad_logprobs, const at::Tensor& grad_rows,
-                   int64_t vocab_start, double inv_temperature, at::Tensor& out) {
-  const int64_t N = logits.size(0), V = logits.size(1), K = teacher_ids.size(1);
+static_assert(kRowCoefsPerRow == ::topk_distill::kRowCoefs, "row_coefs layout");
+
+// out: the logits themselves (in place: out_layout == layout) or a contiguous tensor shaped
+// like them.
+void backward_into(const at::Tensor& logits, const RowLayout& l, const at::Tensor& teacher_ids,
+                   const std::optional<at::Tensor>& labels, const at::Tensor& row_max,
+                   const at::Tensor& row_coefs, const at::Tensor& grad_logprobs,
+                   const at::Tensor& grad_rows, const std::optional<at::Tensor>& grad_label,
+                   const std::optional<at::Tensor>& grad_entropy, int64_t vocab_start,
+                   double inv_temperature, at::Tensor& out, const RowLayout& out_layout) {
+  const int64_t N = l.N, V = l.V, K = teacher_ids.size(1);
   if (N == 0 || V == 0) return;
+  at::Tensor sorted, order;
+  if (K > 1) std::tie(sorted, order) = at::sort(teacher_ids, /*stable=*/true, -1, false);
+  at::Tensor labels64;
+  if (labels.has_value()) labels64 = labels->to(at::kLong);
   const RowSplit rs = choose_row_split(N, V, sm_count(logits.device()));
+  TORCH_CHECK_VALUE(N * rs.splits < (int64_t(1) << 31), "the CUDA backward takes fewer than 2^31 "
+                    "(row, column range) work items; got ", N, " rows x ", rs.splits, " ranges");
   const Stream stream = current_stream(logits.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "backward_cuda", [&] {
     using acc_t = acc_of<scalar_t>;
     AT_DISPATCH_INDEX_TYPES(teacher_ids.scalar_type(), "backward_cuda_ids", [&] {
       BackwardArgs<scalar_t, index_t> a{};
       a.logits = logits.const_data_ptr<scalar_t>();
-      a.in_stride = logits.stride(0);
+      a.in_rows = RowMap{static_cast<uint32_t>(l.T), l.outer_stride, l.inner_stride};
       a.out = out.mutable_data_ptr<scalar_t>();
-      a.out_stride = out.stride(0);
+      a.out_rows = RowMap{static_cast<uint32_t>(out_layout.T), out_layout.outer_stride, out_layout.inner_stride};
       a.N = N;
       a.V = V;
       a.K = K;
       a.ids = teacher_ids.const_data_ptr<index_t>();
+      a.sorted = K > 1 ? sorted.const_data_ptr<index_t>() : nullptr;
+      a.order = K > 1 ? order.const_data_ptr<int64_t>() : nullptr;
+      a.labels = labels.has_value() ? labels64.const_data_ptr<int64_t>() : nullptr;
       a.vocab_start = vocab_start;
       a.inv_t = inv_temperature;
+      a.inv_t_acc = static_cast<acc_t>(inv_temperature);
+      a.c = static_cast<acc_t>(static_cast<double>(a.inv_t_acc) * kLog2e);
+      a.c_over_inv_t = static_cast<double>(a.c) / static_cast<double>(a.inv_t_acc);
       a.row_max = row_max.const_data_ptr<acc_t>();
       a.row_coefs = row_coefs.const_data_ptr<double>();
       a.g = grad_logprobs.const_data_ptr<double>();
       a.grad_rows = grad_rows.const_data_ptr<acc_t>();
+      a.grad_label = grad_label.has_value() ? grad_label->const_data_ptr<acc_t>() : nullptr;
+      a.grad_entropy = grad_entropy.has_value() ? grad_entropy->const_data_ptr<acc_t>() : nullptr;
       a.splits = rs.splits;
       a.chunk = rs.chunk;
       a.bitmap_words = bitmap_words(std::min(rs.chunk, V));
       const int threads = threads_for(std::min(rs.chunk, V), vec_of<scalar_t>());
       const size_t smem = static_cast<size_t>(a.bitmap_words) * sizeof(uint32_t);
-      TD_LAUNCH(grid_for(N * rs.splits), threads, smem, stream, kBackwardMaxThreads,
-                backward_kernel<scalar_t, index_t>)(a);
+      const unsigned grid = grid_for(N * rs.splits);
+      if (grad_entropy.has_value()) {
+        TD_LAUNCH(grid, threads, smem, stream, kBackwardMaxThreads,
+                  backward_kernel<scalar_t, index_t, true>)(a);
+      } else {
+        TD_LAUNCH(grid, threads, smem, stream, kBackwardMaxThreads,
+                  backward_kernel<scalar_t, index_t, false>)(a);
+      }
       check_launch();
     });
   });
 }
 
 at::Tensor backward_cuda(const at::Tensor& logits, const at::Tensor& teacher_ids,
-                         const at::Tensor& row_max, const at::Tensor& row_coefs,
-                         const at::Tensor& grad_logprobs, const at::Tensor& grad_rows,
-                         int64_t vocab_start, double inv_temperature) {
-  check_backward_args(logits, teacher_ids, row_max, row_coefs, grad_logprobs, grad_rows);
+                         const std::optional<at::Tensor>& labels, const at::Tensor& row_max,
+                         const at::Tensor& row_coefs, const at::Tensor& grad_logprobs,
+                         const at::Tensor& grad_rows, const std::optional<at::Tensor>& grad_label,
+                         const std::optional<at::Tensor>& grad_entropy, int64_t vocab_start,
+                         double inv_temperature) {
+  const RowLayout l = check_backward_args(logits, teacher_ids, labels, row_max, row_coefs,
+                                          grad_logprobs, grad_rows, grad_label, grad_entropy);
   const DeviceGuard guard(logits.device());
-  at::Tensor out = device_empty({logits.size(0), logits.size(1)}, logits.options());
-  backward_into(logits, teacher_ids, row_max, row_coefs, grad_logprobs, grad_rows, vocab_start,
-                inv_temperature, out);
+  at::Tensor out = device_empty(logits.sizes(), logits.options());  // contiguous
+  RowLayout ol = l;
+  ol.T = l.T;
+  ol.inner_stride = l.V;
+  ol.outer_stride = logits.dim() == 3 ? l.T * l.V : 0;
+  backward_into(logits, l, teacher_ids, labels, row_max, row_coefs, grad_logprobs, grad_rows,
+                grad_label, grad_entropy, vocab_start, inv_temperature, out, ol);
   return out;
 }
 
 void backward_inplace_cuda(const at::Tensor& logits, const at::Tensor& teacher_ids,
-                           const at::Tensor& row_max, const at::Tensor& row_coefs,
-                           const at::Tensor& grad_logprobs, const at::Tensor& grad_rows,
-                           int64_t vocab_start, double inv_temperature) {
-  check_backward_args(logits, teacher_ids, row_max, row_coefs, grad_logprobs, grad_rows);
+                           const std::optional<at::Tensor>& labels, const at::Tensor& row_max,
+                           const at::Tensor& row_coefs, const at::Tensor& grad_logprobs,
+                           const at::Tensor& grad_rows,
+                           const std::optional<at::Tensor>& grad_label,
+                           const std::optional<at::Tensor>& grad_entropy, int64_t vocab_start,
+                           double inv_temperature) {
+  const RowLayout l = check_backward_args(logits, teacher_ids, labels, row_max, row_coefs,
+                                          grad_logprobs, grad_rows, grad_label, grad_entropy);
+  check_no_row_overlap(logits, l);
   const DeviceGuard guard(logits.device());
-  at::Tensor out = logits;  // same storage: a block reads each element before writing it
-  backward_into(logits, teacher_ids, row_max, row_coefs, grad_logprobs, grad_rows, vocab_start,
-                inv_temperature, out);
+  at::Tensor out = logits;  // same storage, same strides: a block reads each element before writing it
+  backward_into(logits, l, teacher_ids, labels, row_max, row_coefs, grad_logprobs, grad_rows,
+                grad_label, grad_entropy, vocab_start, inv_temperature, out, l);
 }
 
 }  // namespace

@@ -6,6 +6,9 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <string>
+#include <vector>
+
 #include "../ops.h"
 #include "host_runtime.h"
 #include "kernels/epilogue.cuh"
@@ -13,29 +16,37 @@
 TD_CUDA_NAMESPACE_BEGIN
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_cuda(
-    const at::Tensor& row_max, const at::Tensor& sums, const at::Tensor& gathered,
-    const at::Tensor& teacher_ids, const at::Tensor& teacher_logprobs,
-    const std::optional<at::Tensor>& mask, int64_t vocab_size, c10::string_view loss,
-    c10::string_view support, double beta, double rkl_ratio, double skew,
-    std::optional<double> log_prob_min_clamp, double loss_scale) {
-  check_epilogue_args(row_max, sums, gathered, teacher_ids, teacher_logprobs, mask);
-  if (mask.has_value()) {
-    TORCH_CHECK_VALUE(mask->device() == row_max.device(), "mask must be on ", row_max.device(),
-                      " like the other epilogue inputs; got ", mask->device());
-  }
-  const LossParams params = loss_params_from_args(std::string(loss), std::string(support), beta,
-                                                  rkl_ratio, skew, log_prob_min_clamp, loss_scale);
+static_assert(kEpilogueSums == ::topk_distill::kShardSums, "sums layout");
+static_assert(kEpilogueRowCoefs == ::topk_distill::kRowCoefs, "row_coefs layout");
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+epilogue_cuda(const at::Tensor& row_max, const at::Tensor& sums, const at::Tensor& gathered,
+              const at::Tensor& teacher_ids, const at::Tensor& teacher_logprobs,
+              const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& labels,
+              int64_t vocab_size, const std::vector<std::string>& loss,
+              const std::vector<std::string>& support, c10::ArrayRef<double> weight,
+              c10::ArrayRef<double> beta, c10::ArrayRef<double> rkl_ratio,
+              c10::ArrayRef<double> skew, std::optional<double> log_prob_min_clamp,
+              double loss_scale, bool with_entropy) {
+  check_epilogue_args(row_max, sums, gathered, teacher_ids, teacher_logprobs, mask, labels);
+  const LossTerms terms = loss_terms_from_args(loss, support, weight, beta, rkl_ratio, skew,
+                                               log_prob_min_clamp, loss_scale);
   const DeviceGuard guard(row_max.device());
   const int64_t N = teacher_ids.size(0), K = teacher_ids.size(1);
   const auto acc_opts = row_max.options();
   at::Tensor loss_rows = device_empty({N}, acc_opts);
   at::Tensor student_mass = device_empty({N}, acc_opts.dtype(at::kFloat));
   at::Tensor teacher_mass = device_empty({N}, acc_opts.dtype(at::kFloat));
-  at::Tensor row_coefs = device_empty({N, 3}, acc_opts.dtype(at::kDouble));
+  at::Tensor label_logprobs = device_empty({N}, acc_opts);
+  at::Tensor entropy = device_empty({N}, acc_opts);
+  at::Tensor row_coefs = device_empty({N, kRowCoefs}, acc_opts.dtype(at::kDouble));
   at::Tensor grad = device_empty({N, K}, acc_opts.dtype(at::kDouble));
-  if (N == 0) return {loss_rows, student_mass, teacher_mass, row_coefs, grad};
+  if (N == 0) {
+    return {loss_rows, student_mass, teacher_mass, label_logprobs, entropy, row_coefs, grad};
+  }
   const bool* mask_ptr = mask.has_value() ? mask->const_data_ptr<bool>() : nullptr;
+  at::Tensor labels64;
+  if (labels.has_value()) labels64 = labels->to(at::kLong);
   const Stream stream = current_stream(row_max.device());
 
   AT_DISPATCH_FLOATING_TYPES(row_max.scalar_type(), "epilogue_cuda", [&] {
@@ -46,19 +57,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_
                                       "epilogue_cuda_lp", [&] {
         using lp_t = scalar_t;
         EpilogueArgs<acc_t, id_t, lp_t> a{};
-        a.params = params;
+        a.terms = terms;
         a.N = N;
         a.K = K;
         a.vocab_size = vocab_size;
+        a.gathered_cols = gathered.size(1);
+        a.with_entropy = with_entropy;
         a.row_max = row_max.const_data_ptr<acc_t>();
         a.sums = sums.const_data_ptr<acc_t>();
         a.gathered = gathered.const_data_ptr<acc_t>();
         a.ids = teacher_ids.const_data_ptr<id_t>();
         a.lp = teacher_logprobs.const_data_ptr<lp_t>();
         a.mask = mask_ptr;
+        a.labels = labels.has_value() ? labels64.const_data_ptr<int64_t>() : nullptr;
         a.loss = loss_rows.mutable_data_ptr<acc_t>();
         a.student_mass = student_mass.mutable_data_ptr<float>();
         a.teacher_mass = teacher_mass.mutable_data_ptr<float>();
+        a.label_logprobs = label_logprobs.mutable_data_ptr<acc_t>();
+        a.entropy = entropy.mutable_data_ptr<acc_t>();
         a.row_coefs = row_coefs.mutable_data_ptr<double>();
         a.g = grad.mutable_data_ptr<double>();
         if (K <= kWarpPathMaxK) {
@@ -74,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_
       });
     });
   });
-  return {loss_rows, student_mass, teacher_mass, row_coefs, grad};
+  return {loss_rows, student_mass, teacher_mass, label_logprobs, entropy, row_coefs, grad};
 }
 
 }  // namespace

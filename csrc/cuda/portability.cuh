@@ -13,7 +13,8 @@
 //   barriers       __syncthreads, __syncthreads_count/_and/_or, __syncwarp
 //   warp           __shfl_sync, __shfl_up/down/xor_sync, __any_sync, __all_sync, __ballot_sync
 //   atomics        atomicAdd/Or/And/Max/Min/Exch/CAS
-//   math           <cmath>, __expf, __logf, __fdividef, exp2_approx_ftz, fma_rn (below),
+//   math           <cmath>, __expf, __logf, __fdividef, exp2_approx_ftz, fma_rn, bits_to_float,
+//                  pack_bf16x2_rn, pack_f16x2_rn (below),
 //                  min/max/isnan/isfinite. nvcc contracts a * b + c into one FMA by default and
 //                  the host compiler does not: where that rounding matters (z / T - max with
 //                  |z| ~ 1e4) device code writes fma_rn, which both compile to the same FMA.
@@ -35,8 +36,11 @@
 // the launch itself fails when exceeded).
 #pragma once
 
+#include <cstdint>
+
 #if defined(TD_EMULATE)
 
+#include <bit>
 #include <source_location>
 
 #include "../emu/cuda_names.h"
@@ -76,6 +80,26 @@ inline float exp2_approx_ftz(float x) {
   return std::fpclassify(r) == FP_SUBNORMAL ? 0.0f : r;
 }
 
+// The float with these bits (__uint_as_float).
+inline float bits_to_float(uint32_t u) { return std::bit_cast<float>(u); }
+
+// Two floats rounded to nearest even into a bf16 / fp16 pair, lo in the low 16 bits
+// (__floats2bfloat162_rn / __floats2half2_rn: one F2FP for two values on the GPU).
+inline uint32_t pack_bf16x2_rn(float lo, float hi) {
+  auto one = [](float f) -> uint32_t {
+    const uint32_t u = std::bit_cast<uint32_t>(f);
+    if (f != f) return 0x7fc0u;  // (c10's NaN)
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  };
+  return one(lo) | (one(hi) << 16);
+}
+inline uint32_t pack_f16x2_rn(float lo, float hi) {
+  auto one = [](float f) -> uint32_t {
+    return std::bit_cast<uint16_t>(static_cast<_Float16>(f));  // IEEE round to nearest even
+  };
+  return one(lo) | (one(hi) << 16);
+}
+
 namespace td_emu {
 template <typename Kernel>
 struct PendingLaunch {
@@ -104,6 +128,9 @@ PendingLaunch<Kernel> make_launch(const char* name, Dim3 grid, Dim3 block, size_
                         (stream), (max_threads), &__VA_ARGS__)
 
 #else  // nvcc
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #if defined(__CUDA_ARCH__)
 #define TD_DEVICE_CODE 1
@@ -136,6 +163,17 @@ __device__ __forceinline__ float exp2_approx_ftz(float x) {
   float r;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
   return r;
+}
+
+__device__ __forceinline__ float bits_to_float(uint32_t u) { return __uint_as_float(u); }
+
+__device__ __forceinline__ uint32_t pack_bf16x2_rn(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+__device__ __forceinline__ uint32_t pack_f16x2_rn(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
 }
 
 #define TD_LAUNCH(grid, block, smem, stream, max_threads, ...) \

@@ -121,6 +121,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_pas
   if (L) labels64 = labels->to(at::kLong);
 
   const RowSplit rs = choose_row_split(N, V, sm_count(logits.device()));
+  TORCH_CHECK_VALUE(N * rs.splits < (int64_t(1) << 31), "the CUDA shard pass takes fewer than "
+                    "2^31 (row, column range) work items; got ", N, " rows x ", rs.splits,
+                    " ranges");
   at::Tensor partials;
   if (rs.splits > 1) partials = device_empty({N, rs.splits, kPartialFields}, opts);
   const Stream stream = current_stream(logits.device());
@@ -130,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_pas
     AT_DISPATCH_INDEX_TYPES(teacher_ids.scalar_type(), "shard_pass_cuda_ids", [&] {
       ShardArgs<scalar_t, index_t> a{};
       a.logits = logits.const_data_ptr<scalar_t>();
-      a.rows = RowMap{l.T, l.outer_stride, l.inner_stride};
+      a.rows = RowMap{static_cast<uint32_t>(l.T), l.outer_stride, l.inner_stride};
       a.N = N;
       a.V = V;
       a.K = K;

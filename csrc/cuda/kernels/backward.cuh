@@ -1,27 +1,34 @@
-// CUDA backward, device code: grad = grad_rows[n] / T * (sum_k g_k [v == t_k] - q_v * dense_coef
-//                                           + q_v * outside_coef * ([v not teacher] - extra copies))
-// (formula and row_coefs: the backward schema in csrc/registration.cpp; semantics copied from
-// the CPU kernel csrc/cpu/backward.cpp, including the all-zero and all-NaN rows).
+// CUDA backward, device code: the gradient of  grad_rows . loss + grad_label . label_logprobs
+// + grad_entropy . entropy  w.r.t. the logits (the formula and row_coefs: the backward schema in
+// csrc/registration.cpp; the CPU kernel csrc/cpu/backward.cpp computes the same):
+//   dL/dz_v = s ( gl sum_{k: t_k = v} g_k + gy [v == y] - q_v (gl dense + gy + gh H)
+//                 + gl outside q_v ([v not teacher] - (m_v - 1) [m_v > 1]) - gh q_v t_v )
+// with gy = grad_label * label_factor, gh = grad_entropy * entropy_factor (0 for a zero upstream
+// gradient, whatever the factor), t_v = log q_v.
 //
 // Memory traffic: reads N * V_r logits once and writes N * V_r gradients once, in 16-byte packs
-// where the row allows it (in place: the same memory), plus O(N * K) for the ids and g. Every
-// gradient element is written exactly once.
+// where the rows allow it (in place: the same memory, through the logits' strides), plus O(N * K)
+// for the ids and g. Every gradient element is written exactly once.
 //
 // Work split: one block per (row, column range), with the same range split as the shard pass
 // (whole rows when there are enough of them; >= 8192-column ranges for few long rows). No
-// communication between blocks: a teacher column belongs to exactly one range. Per block:
-//   1. the in-range teacher columns are marked in a shared-memory bitmap (atomicOr, which also
-//      detects repeated ids);
-//   2. sparse pass: the first entry (lowest k) of each in-range teacher column sums g over the
-//      entries with its id (m of them), reads the column's logit and writes
-//      scale * (g_sum - q * (dense_coef + (m - 1) * outside_coef)), computed in fp64 and rounded
-//      once;
-//   3. dense pass (no barrier in between): every non-teacher column gets
-//      -scale * (dense_coef - outside_coef) * q_v (fp32 math, fp64 for fp64 logits); teacher
-//      columns are skipped - their loaded value unused, never written - so in place is safe
-//      without ordering the two passes.
-// Rows with all-zero g and coefficients, or grad_rows == 0, are written as zeros; rows whose
-// shift is not finite or whose dense_coef is NaN (non-finite loss) as NaN.
+// communication between blocks: a column belongs to exactly one range. Per block:
+//   1. marks: the in-range teacher columns are set in a shared-memory bitmap (atomicOr, which
+//      also detects a repeated id); the same loop reads g (is any nonzero?), notes whether the
+//      label is a teacher id, and loads each thread's first teacher logit (before any write, so
+//      in place is safe); a label column that is no teacher column is marked after a barrier;
+//   2. sparse pass: each in-range teacher column is written by one entry (the lowest k with its
+//      id: for a row with a repeated id, the first of its run in the host's stable sort of the
+//      row's ids - O(K)), the label column by one thread: from scratch in fp64, rounded once;
+//   3. dense pass (no barrier in between): every other column gets q_v (A + B t_v), with per-row
+//      A, B; B != 0 only with an entropy gradient, a separate instantiation (kEntGrad), so the
+//      common loop is: convert, one FFMA, one MUFU.EX2 (ftz; log2(e) folded into the scale and
+//      the shift, their rounding undone exactly by a per-row factor folded into A and B), one
+//      FMUL, convert. Marked columns are skipped - their loaded value unused, never written -
+//      so in place is safe without ordering the two passes.
+// Rows: no active part (gl != 0 with some nonzero coefficient, gy != 0, gh != 0): exact zeros,
+// even if the logits are not finite; an active part with a NaN coefficient, or a non-finite
+// shift (row_max + log_sum): all NaN.
 //
 // Device code only: CUDA through portability.cuh; the host launcher is csrc/cuda/backward.cu.
 #pragma once
@@ -33,23 +40,35 @@
 
 TD_CUDA_NAMESPACE_BEGIN
 
-// Threads per block: at most this (threads_for), two blocks per SM (__launch_bounds__).
-constexpr int kBackwardMaxThreads = 512;
+// Threads per block: at most this (threads_for), four blocks per SM (__launch_bounds__: 64
+// registers); fp64 two (128 registers).
+constexpr int kBackwardMaxThreads = 256;
+template <typename scalar_t>
+constexpr int backward_min_blocks() { return sizeof(scalar_t) == 8 ? 2 : 4; }
 
 template <typename scalar_t, typename id_t>
 struct BackwardArgs {
+  using acc_t = acc_of<scalar_t>;
   const scalar_t* logits;
-  int64_t in_stride;
+  RowMap in_rows;
   scalar_t* out;  // == logits for the in-place op
-  int64_t out_stride;
+  RowMap out_rows;
   int64_t N, V, K;
-  const id_t* ids;
+  const id_t* ids;        // [N, K]
+  const id_t* sorted;     // [N, K]: each row's ids sorted (stable), or null when K <= 1
+  const int64_t* order;   // [N, K]: their positions k
+  const int64_t* labels;  // [N] or null
   int64_t vocab_start;
-  double inv_t;
-  const acc_of<scalar_t>* row_max;  // [N]
-  const double* row_coefs;          // [N, 3]: log_sum, dense_coef, outside_coef
-  const double* g;                  // [N, K]
-  const acc_of<scalar_t>* grad_rows;  // [N]
+  double inv_t;           // s
+  acc_t inv_t_acc;        // fl(inv_t): the forward's scale of z
+  acc_t c;                // fl(inv_t_acc * log2(e))
+  double c_over_inv_t;    // c / inv_t_acc in fp64 (host: no fp64 division subroutine here)
+  const acc_t* row_max;       // [N]
+  const double* row_coefs;    // [N, 6]
+  const double* g;            // [N, K]
+  const acc_t* grad_rows;     // [N]
+  const acc_t* grad_label;    // [N] or null (0)
+  const acc_t* grad_entropy;  // [N] or null (0)
   int64_t splits, chunk, bitmap_words;
 };
 
@@ -71,30 +90,47 @@ __device__ __forceinline__ void fill_range(scalar_t* o, int64_t r0, int64_t r1, 
   for (int64_t i = threadIdx.x; i < npk; i += B) op[i] = pk;
 }
 
-template <typename scalar_t, typename acc_t>
-struct DenseCoefs {
-  acc_t inv_t, row_max, log_sum, coef;
-  __device__ __forceinline__ scalar_t operator()(acc_t x) const {
-    return static_cast<scalar_t>(coef * fast_exp(fma_rn(x, inv_t, -row_max) - log_sum));
+// The dense columns' value q_v (A + B t_v), in base 2: u = fl(x c - m2), 2^u = q_v 2^-D with
+// D = m2 - log_sum log2(e) - M c / inv_t exactly (up to the (x inv_t - M)(c / inv_t - log2 e)
+// of a far element), t_v = (u + D) ln 2, so  q_v (A + B t_v) = 2^u (a + b u)  with
+// a = 2^D (A + B D ln 2), b = 2^D B ln 2  (fp64 per row). With |z| ~ 1e4 the fp32 shift alone is
+// off by ~1e-3; D restores the CPU kernel's accuracy.
+template <typename scalar_t, bool kEntGrad>
+struct DenseFn {
+  using acc_t = acc_of<scalar_t>;
+  acc_t c, m2, a, b;
+  static __device__ __forceinline__ acc_t lowest_u() {
+    return std::is_same_v<acc_t, float> ? acc_t(-256) : acc_t(-2048);
   }
+  __device__ __forceinline__ acc_t operator()(acc_t x) const {
+    const acc_t u = fma_rn(x, c, -m2);
+    const acc_t e = fast_exp2(u);
+    // (kEntGrad: e * u, with u floored where e is 0 anyway: a -inf logit gives 0, not 0 * inf)
+    if constexpr (kEntGrad) return e * fma_rn(b, max_ignore_nan(u, lowest_u()), a);
+    else return e * a;
+  }
+  __device__ __forceinline__ scalar_t one(acc_t x) const { return static_cast<scalar_t>((*this)(x)); }
 };
 
-// Dense pass over the non-teacher columns of a range: z, o point at the range's first column,
+// Dense pass over the unmarked columns of a range: z, o point at the range's first column,
 // len <= kMaxBlockCols columns (32-bit indices: fewer registers in the hot loop), sh is the
 // bitmap shift of the INPUT row (bit t + sh marks column t of the range).
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, bool kEntGrad>
 __device__ __forceinline__ void dense_range(const scalar_t* z, scalar_t* o, int len, int sh,
                                             smem_ptr<const uint32_t> bm,
-                                            const DenseCoefs<scalar_t, acc_t> f) {
+                                            const DenseFn<scalar_t, kEntGrad> f) {
+  using acc_t = acc_of<scalar_t>;
+  using P = Pack<scalar_t, vec_of<scalar_t>()>;
   constexpr int VEC = vec_of<scalar_t>();
   constexpr int U = 2;  // packs in flight per thread
+  constexpr uint32_t kPackMask = (VEC >= 32) ? kFullMask : ((1u << VEC) - 1u);
   const int B = blockDim.x;
   if (misalignment(z) != misalignment(o)) {
     // Input and output rows disagree on 16-byte alignment (out of place from a view with an odd
     // storage offset or row stride): element-wise, still coalesced.
     for (int t = threadIdx.x; t < len; t += B) {
       const int b = t + sh;
-      if (!((bm[b >> 5] >> (b & 31)) & 1u)) o[t] = f(static_cast<acc_t>(z[t]));
+      if (!((bm[b >> 5] >> (b & 31)) & 1u)) o[t] = f.one(static_cast<acc_t>(z[t]));
     }
     return;
   }
@@ -105,120 +141,221 @@ __device__ __forceinline__ void dense_range(const scalar_t* z, scalar_t* o, int 
   for (int t = threadIdx.x; t < n_scalar; t += B) {
     const int j = t < j0 ? t : jt + (t - j0);
     const int b = j + sh;
-    if (!((bm[b >> 5] >> (b & 31)) & 1u)) o[j] = f(static_cast<acc_t>(z[j]));
+    if (!((bm[b >> 5] >> (b & 31)) & 1u)) o[j] = f.one(static_cast<acc_t>(z[j]));
   }
-  const Pack<scalar_t, VEC>* zp = reinterpret_cast<const Pack<scalar_t, VEC>*>(z + j0);
-  Pack<scalar_t, VEC>* op = reinterpret_cast<Pack<scalar_t, VEC>*>(o + j0);
+  const P* zp = reinterpret_cast<const P*>(z + j0);
+  P* op = reinterpret_cast<P*>(o + j0);
   const int b0 = j0 + sh;  // a multiple of VEC
-  for (int i = threadIdx.x; i < npk; i += U * B) {
-    Pack<scalar_t, VEC> in[U];
+  const int wstride = B * VEC / 32;
+  int i = threadIdx.x;
+  for (; i + (U - 1) * B < npk; i += U * B) {
+    P in[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) in[u] = zp[i + u * B];
+    const int bit = b0 + i * VEC;
+    uint32_t tb[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) tb[u] = (bm[(bit >> 5) + u * wstride] >> (bit & 31)) & kPackMask;
+    P r[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      if (i + u * B < npk) in[u] = zp[i + u * B];
+      acc_t x[VEC];
+      unpack(in[u], x);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) x[e] = f(x[e]);
+      r[u] = repack<scalar_t, VEC>(x);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int p = i + u * B;
-      if (p >= npk) break;
-      const uint32_t tb = bitmap_bits<VEC>(bm, b0 + p * VEC);
-      Pack<scalar_t, VEC> r;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) r.v[e] = f(static_cast<acc_t>(in[u].v[e]));
-      if (tb == 0u) {
-        op[p] = r;
-      } else {  // a teacher column inside: leave it to the sparse pass
-        scalar_t* oe = reinterpret_cast<scalar_t*>(op + p);
+      if (tb[u] == 0u) {
+        op[i + u * B] = r[u];
+      } else {  // a marked column inside: leave it to the sparse pass
+        scalar_t* oe = reinterpret_cast<scalar_t*>(op + i + u * B);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          if (!((tb >> e) & 1u)) oe[e] = r.v[e];
+          if (!((tb[u] >> e) & 1u)) oe[e] = r[u].v[e];
         }
+      }
+    }
+  }
+  for (; i < npk; i += B) {
+    const uint32_t tb = bitmap_bits<VEC>(bm, b0 + i * VEC);
+    acc_t x[VEC];
+    unpack(zp[i], x);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) x[e] = f(x[e]);
+    const P r = repack<scalar_t, VEC>(x);
+    if (tb == 0u) {
+      op[i] = r;
+    } else {
+      scalar_t* oe = reinterpret_cast<scalar_t*>(op + i);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        if (!((tb >> e) & 1u)) oe[e] = r.v[e];
       }
     }
   }
 }
 
-// Sparse pass over the teacher columns of [r0, r1), each written by the lowest entry k with its
-// id (fp64, rounded once).
-template <typename scalar_t, typename acc_t, typename id_t>
-__device__ __forceinline__ void sparse_range(const scalar_t* z, scalar_t* o, const id_t* ids,
-                                          const double* g, int64_t K, int64_t vocab_start,
-                                          int64_t r0, int64_t r1, bool repeat, acc_t inv_t,
-                                          acc_t m, double log_sum, double dense_coef,
-                                          double outside_coef, double scale) {
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-    const int64_t id = static_cast<int64_t>(ids[k]);
-    if (id < 0) continue;
-    const int64_t c = id - vocab_start;
-    if (c < r0 || c >= r1) continue;
-    double g_sum = g[k];
-    int64_t copies = 1;
-    if (repeat) {
-      bool owner = true;
-      for (int64_t k2 = 0; k2 < k && owner; ++k2) owner = static_cast<int64_t>(ids[k2]) != id;
-      if (!owner) continue;
-      for (int64_t k2 = k + 1; k2 < K; ++k2) {
-        if (static_cast<int64_t>(ids[k2]) == id) {
-          g_sum += g[k2];
-          ++copies;
-        }
-      }
-    }
-    const double logit = static_cast<double>(static_cast<acc_t>(z[c]) * inv_t);
-    const double q = ::exp((logit - static_cast<double>(m)) - log_sum);
-    const double coef = dense_coef + static_cast<double>(copies - 1) * outside_coef;
-    o[c] = static_cast<scalar_t>(scale * (g_sum - q * coef));
+// One row's coefficients, fp64: the active parts' terms, exactly 0 for an inactive part (so
+// that a NaN coefficient behind a zero upstream gradient never reaches the result).
+struct RowGrad {
+  double s, M, log_sum;
+  double gl;   // grad_rows                (loss part active, else 0)
+  double gld;  // grad_rows * dense_coef   (  "  )
+  double glo;  // grad_rows * outside_coef (  "  )
+  double gy;   // grad_label * label_factor
+  double gh;   // grad_entropy * entropy_factor
+  double ghH;  // gh * H
+};
+
+// A sparse column's value, in fp64, rounded once: g_sum = sum of g over the column's m entries
+// (m = 0: the label column that is no teacher id), label: the column is the label's.
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t sparse_value(const RowGrad& r, double x, double g_sum,
+                                                 int64_t m, bool label) {
+  const double t = (x - r.M) - r.log_sum;
+  const double q = ::exp(t);
+  const double outside = m == 0 ? 1.0 : -static_cast<double>(m - 1);
+  double v = (r.gl != 0.0 ? r.gl * g_sum : 0.0) + (label ? r.gy : 0.0);
+  if (q != 0.0) {  // (a -inf logit: q = 0 and t = -inf; its q-terms are 0)
+    double inner = r.glo * outside - r.gld - r.gy - r.ghH;
+    if (r.gh != 0.0) inner -= r.gh * t;
+    v += q * inner;
   }
+  return static_cast<scalar_t>(r.s * v);
 }
 
-template <typename scalar_t, typename id_t>
-__global__ void __launch_bounds__(kBackwardMaxThreads, 2)
+constexpr int64_t kRowCoefsPerRow = 6;  // (csrc/ops.h kRowCoefs)
+constexpr uint32_t kFlagRepeat = 1u, kFlagAnyG = 2u, kFlagLabelHit = 4u;
+
+template <typename scalar_t, typename id_t, bool kEntGrad>
+__global__ void __launch_bounds__(kBackwardMaxThreads, backward_min_blocks<scalar_t>())
     backward_kernel(const BackwardArgs<scalar_t, id_t> a) {
   using acc_t = acc_of<scalar_t>;
   constexpr int VEC = vec_of<scalar_t>();
   const smem_ptr<uint32_t> bm = dynamic_shared_memory<uint32_t>();
+  TD_SHARED_OBJECT(uint32_t, row_flags);
 
-  zero_bitmap(bm, a.bitmap_words);
-  const int64_t work = a.N * a.splits;
-  for (int64_t w = blockIdx.x; w < work; w += gridDim.x) {
-    const int64_t n = w / a.splits, sp = w - n * a.splits;
+  const unsigned work = static_cast<unsigned>(a.N * a.splits);  // < 2^31 (host check)
+  for (unsigned w = blockIdx.x; w < work; w += gridDim.x) {  // (+ gridDim <= 2^30: no wrap)
+    // A clean bitmap per row (not a clear of the marked words afterwards: nothing about the
+    // row's ids has to stay live across the dense loop, which keeps it within 64 registers).
+    if (threadIdx.x == 0) row_flags = 0u;
+    zero_bitmap(bm, a.bitmap_words);  // (ends with a barrier)
+    const auto [n, sp] = work_item(w, a.splits);
     const int64_t r0 = sp * a.chunk, r1 = std::min(a.V, r0 + a.chunk);
-    const scalar_t* z = a.logits + n * a.in_stride;
-    scalar_t* o = a.out + n * a.out_stride;
+    const scalar_t* z = a.logits + a.in_rows.offset(n);
+    scalar_t* o = a.out + a.out_rows.offset(n);
     const id_t* ids = a.ids + n * a.K;
     const double* g = a.g + n * a.K;
-    const double log_sum = a.row_coefs[3 * n + 0];
-    const double dense_coef = a.row_coefs[3 * n + 1];
-    const double outside_coef = a.row_coefs[3 * n + 2];
-
-    int nonzero_g = 0;
-    for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x) nonzero_g |= g[k] != 0.0;
-    const bool any = (__syncthreads_or(nonzero_g) != 0) || dense_coef != 0.0 || outside_coef != 0.0;
-    const double scale = static_cast<double>(a.grad_rows[n]) * a.inv_t;
-    const acc_t m = a.row_max[n];
-    const double shift = static_cast<double>(m) + log_sum;
-    if (!any || scale == 0.0) {  // masked / zero-weight row: exactly zero, even if logits are not
-      fill_range(o, r0, r1, static_cast<scalar_t>(0.0f));
-      continue;  // (the next iteration's __syncthreads_or orders nothing that matters here)
-    }
-    if (!isfinite(shift) || isnan(dense_coef)) {  // NaN / inf logits or a non-finite loss
-      fill_range(o, r0, r1, static_cast<scalar_t>(quiet_nan<float>()));
-      continue;
-    }
-
     const int sh = static_cast<int>((misalignment(z) + r0) % VEC);
-    const bool repeat = mark_teacher_columns(bm, ids, a.K, a.vocab_start, r0, r1, sh);
+    const int64_t label = a.labels != nullptr ? a.labels[n] : int64_t(-1);
+    const int64_t lc = label - a.vocab_start;  // the label's column
+    const bool label_here = label >= 0 && lc >= r0 && lc < r1;
 
-    const acc_t inv_t = static_cast<acc_t>(a.inv_t);
-    sparse_range<scalar_t, acc_t, id_t>(z, o, ids, g, a.K, a.vocab_start, r0, r1, repeat, inv_t, m,
-                                        log_sum, dense_coef, outside_coef, scale);
-    // Dense pass last: fewer values live across its loop. (It never touches a teacher column, so
-    // the order of the two passes does not matter, in place included.)
-    const DenseCoefs<scalar_t, acc_t> f{inv_t, m, static_cast<acc_t>(log_sum),
-                                        static_cast<acc_t>(-scale * (dense_coef - outside_coef))};
-    dense_range<scalar_t, acc_t>(z + r0, o + r0, static_cast<int>(r1 - r0), sh, bm, f);
-    __syncthreads();  // every bitmap read done
-    clear_teacher_columns(bm, ids, a.K, a.vocab_start, r0, r1, sh);
-    __syncthreads();  // clears done before the next row's marks
+    // 1. marks, g, the label; each thread's first in-range teacher logit (read before any write)
+    uint32_t flags = 0u;
+    scalar_t z0 = static_cast<scalar_t>(0.0f);
+    for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x) {
+      if (g[k] != 0.0) flags |= kFlagAnyG;
+      const int64_t id = static_cast<int64_t>(ids[k]);
+      const int64_t c = id - a.vocab_start;
+      if (id < 0 || c < r0 || c >= r1) continue;
+      if (k == threadIdx.x) z0 = z[c];
+      if (c == lc) flags |= kFlagLabelHit;
+      const int b = static_cast<int>(c - r0) + sh;
+      const uint32_t bit = 1u << (b & 31);
+      if (atomicOr(&bm[b >> 5], bit) & bit) flags |= kFlagRepeat;
+    }
+    if (flags != 0u) atomicOr(&row_flags, flags);
+    __syncthreads();
+    flags = row_flags;
+
+    // The row's coefficients (every thread, the same).
+    const double* rc = a.row_coefs + n * kRowCoefsPerRow;
+    RowGrad r;
+    r.s = a.inv_t;
+    r.M = static_cast<double>(a.row_max[n]);
+    r.log_sum = rc[0];
+    const double dense = rc[1], outside = rc[2], H = rc[3];
+    const double gl = static_cast<double>(a.grad_rows[n]);
+    const double gy_up = a.grad_label != nullptr ? static_cast<double>(a.grad_label[n]) : 0.0;
+    const double gh_up = a.grad_entropy != nullptr ? static_cast<double>(a.grad_entropy[n]) : 0.0;
+    // (a zero upstream gradient contributes 0 even against a NaN factor)
+    r.gy = gy_up == 0.0 ? 0.0 : gy_up * rc[4];
+    r.gh = gh_up == 0.0 ? 0.0 : gh_up * rc[5];
+    const bool act_l = gl != 0.0 && ((flags & kFlagAnyG) || dense != 0.0 || outside != 0.0);
+    const bool act_y = r.gy != 0.0, act_h = r.gh != 0.0;
+    r.gl = act_l ? gl : 0.0;
+    r.gld = act_l ? gl * dense : 0.0;
+    r.glo = act_l ? gl * outside : 0.0;
+    r.ghH = act_h ? r.gh * H : 0.0;
+    const double shift = r.M + r.log_sum;
+    const bool nan_row = !isfinite(shift) || isnan(r.gld) || isnan(r.glo) || isnan(r.gl) ||
+                         isnan(r.gy) || isnan(r.ghH);
+    if (!(act_l || act_y || act_h) || nan_row) {
+      // masked / zero-weight row: exact zeros, even if the logits are not finite; else NaN
+      fill_range(o, r0, r1,
+                 static_cast<scalar_t>(nan_row && (act_l || act_y || act_h) ? quiet_nan<float>()
+                                                                             : 0.0f));
+    } else {
+      const bool label_alone = label_here && !(flags & kFlagLabelHit);
+      if (label_alone) {  // (block-uniform) mark the label column too, before anyone streams
+        if (threadIdx.x == 0) {
+          const int b = static_cast<int>(lc - r0) + sh;
+          bm[b >> 5] |= 1u << (b & 31);
+        }
+        __syncthreads();
+      }
+
+      // 2. sparse pass
+      if (!(flags & kFlagRepeat)) {
+        for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x) {
+          const int64_t id = static_cast<int64_t>(ids[k]);
+          const int64_t c = id - a.vocab_start;
+          if (id < 0 || c < r0 || c >= r1) continue;
+          const scalar_t raw = k == threadIdx.x ? z0 : z[c];
+          const double x = static_cast<double>(static_cast<acc_t>(raw) * a.inv_t_acc);
+          o[c] = sparse_value<scalar_t>(r, x, g[k], 1, c == lc);
+        }
+      } else {  // (block-uniform) each id's run in the sorted order, written by its first entry
+        const id_t* sorted = a.sorted + n * a.K;
+        const int64_t* order = a.order + n * a.K;
+        for (int64_t p = threadIdx.x; p < a.K; p += blockDim.x) {
+          const int64_t id = static_cast<int64_t>(sorted[p]);
+          const int64_t c = id - a.vocab_start;
+          if (id < 0 || c < r0 || c >= r1 || !first_in_run(sorted, p)) continue;
+          double g_sum = 0.0;
+          int64_t m = 0;
+          for (int64_t p2 = p; p2 < a.K && static_cast<int64_t>(sorted[p2]) == id; ++p2, ++m) {
+            g_sum += g[order[p2]];
+          }
+          const double x = static_cast<double>(static_cast<acc_t>(z[c]) * a.inv_t_acc);
+          o[c] = sparse_value<scalar_t>(r, x, g_sum, m, c == lc);
+        }
+      }
+      if (label_alone && threadIdx.x == 0) {  // (nobody else reads or writes this column)
+        const double x = static_cast<double>(static_cast<acc_t>(z[lc]) * a.inv_t_acc);
+        o[lc] = sparse_value<scalar_t>(r, x, 0.0, 0, true);
+      }
+
+      // 3. dense pass: A = s (gl (outside - dense) - gy - gh H), B = -s gh, in base 2 (DenseFn)
+      const double A = r.s * (r.glo - r.gld - r.gy - r.ghH);
+      const double Bc = -r.s * r.gh;
+      const double c_over_inv_t = a.c_over_inv_t;
+      const double m2d = r.M * c_over_inv_t + r.log_sum * kLog2e;
+      const acc_t m2 = static_cast<acc_t>(m2d);
+      const double D = static_cast<double>(m2) - r.log_sum * kLog2e - r.M * c_over_inv_t;
+      const double corr = ::exp2(D);
+      DenseFn<scalar_t, kEntGrad> f;
+      f.c = a.c;
+      f.m2 = m2;
+      f.a = static_cast<acc_t>(corr * (A + Bc * kLn2 * D));
+      f.b = static_cast<acc_t>(corr * Bc * kLn2);
+      dense_range<scalar_t, kEntGrad>(z + r0, o + r0, static_cast<int>(r1 - r0), sh, bm, f);
+    }
+    __syncthreads();  // every bitmap and flag read done before the next row's zeroing
   }
 }
 

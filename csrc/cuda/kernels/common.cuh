@@ -54,11 +54,53 @@ struct alignas(sizeof(scalar_t) * VEC) Pack {
   scalar_t v[VEC];
 };
 
+// bf16 / fp16 told apart without naming c10's types (their numeric_limits say it).
+template <typename scalar_t>
+constexpr bool is_bf16() { return sizeof(scalar_t) == 2 && std::numeric_limits<scalar_t>::digits == 8; }
+template <typename scalar_t>
+constexpr bool is_f16() { return sizeof(scalar_t) == 2 && std::numeric_limits<scalar_t>::digits == 11; }
+
+// A pack's values in acc_t. bf16: the high half of each 32-bit pair is already a float's top
+// bits (one LOP per value instead of a byte permute and a shift), exactly c10's conversion.
+template <typename acc_t, typename scalar_t, int VEC>
+__device__ __forceinline__ void unpack(const Pack<scalar_t, VEC>& pk, acc_t (&x)[VEC]) {
+  if constexpr (is_bf16<scalar_t>() && std::is_same_v<acc_t, float>) {
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(&pk);
+#pragma unroll
+    for (int i = 0; i < VEC / 2; ++i) {
+      x[2 * i] = bits_to_float(w[i] << 16);
+      x[2 * i + 1] = bits_to_float(w[i] & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) x[i] = static_cast<acc_t>(pk.v[i]);
+  }
+}
+
 template <typename acc_t, typename scalar_t, int VEC>
 __device__ __forceinline__ void load_pack(const scalar_t* p, acc_t (&x)[VEC]) {
+  // (a copy of the whole pack first: one 16-byte load, not one per 32-bit word)
   const Pack<scalar_t, VEC> pk = *reinterpret_cast<const Pack<scalar_t, VEC>*>(p);
+  unpack(pk, x);
+}
+
+// acc_t values rounded to nearest even into a pack; bf16 / fp16 two at a time (one F2FP).
+template <typename scalar_t, int VEC, typename acc_t>
+__device__ __forceinline__ Pack<scalar_t, VEC> repack(const acc_t (&x)[VEC]) {
+  Pack<scalar_t, VEC> pk;
+  if constexpr ((is_bf16<scalar_t>() || is_f16<scalar_t>()) && std::is_same_v<acc_t, float> &&
+                VEC % 2 == 0) {
+    uint32_t* w = reinterpret_cast<uint32_t*>(&pk);
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) x[i] = static_cast<acc_t>(pk.v[i]);
+    for (int i = 0; i < VEC / 2; ++i) {
+      w[i] = is_bf16<scalar_t>() ? pack_bf16x2_rn(x[2 * i], x[2 * i + 1])
+                                 : pack_f16x2_rn(x[2 * i], x[2 * i + 1]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) pk.v[i] = static_cast<scalar_t>(x[i]);
+  }
+  return pk;
 }
 
 // Misalignment of a row pointer in elements: the row's first 16-byte aligned column is
@@ -70,14 +112,27 @@ __device__ __forceinline__ int misalignment(const scalar_t* p) {
 }
 
 // Where row n of a [N, V] or [B, T, V] tensor starts (csrc/ops.h RowLayout, SPEC 9.1): element
-// offset (n / T) * outer + (n % T) * inner. Computed once per row, never per element.
+// offset (n / T) * outer + (n % T) * inner. Computed once per row, never per element. Row and
+// work-item indices are below 2^31 (the host launchers check it): 32-bit divisions, inline,
+// where a 64-bit one is a subroutine call whose register saves would count as spills.
 struct RowMap {
-  int64_t T, outer, inner;
+  uint32_t T;
+  int64_t outer, inner;
   __host__ __device__ __forceinline__ int64_t offset(int64_t n) const {
-    const int64_t b = n / T;
-    return b * outer + (n - b * T) * inner;
+    const uint32_t n32 = static_cast<uint32_t>(n);
+    const uint32_t b = n32 / T;
+    return static_cast<int64_t>(b) * outer + static_cast<int64_t>(n32 - b * T) * inner;
   }
 };
+
+// (row, column range) of work item w < 2^31 of a grid over N rows x `splits` ranges.
+struct WorkItem {
+  int64_t n, sp;
+};
+__device__ __forceinline__ WorkItem work_item(int64_t w, int64_t splits) {
+  const uint32_t n = static_cast<uint32_t>(w) / static_cast<uint32_t>(splits);
+  return {static_cast<int64_t>(n), w - static_cast<int64_t>(n) * splits};
+}
 
 // ---------------------------------------------------------------------------------------------
 // Reductions. Every thread of the block gets the same result, computed in the same order, so

@@ -1,10 +1,11 @@
-// CUDA epilogue, device code: per-row loss, masses and g = dL/ds from the global row statistics (semantics:
-// csrc/registration.cpp; the math is the shared driver epilogue_row in csrc/divergences.h, the
-// same code the CPU kernel runs, here with a warp or a block as its Lanes).
+// CUDA epilogue, device code: per-row loss (a weighted sum of loss terms), masses, the label's
+// log-prob, the entropy, and g = dL/ds_k from the global row statistics (semantics:
+// csrc/registration.cpp; the math is the shared drivers epilogue_row and row_extras in
+// csrc/divergences.h, the same code the CPU kernel runs, here with a warp or a block as Lanes).
 //
 // Memory traffic: O(N * K) - reads the row stats, the gathered logits, ids, teacher log-probs
-// (and the mask), writes g [N, K] f64 and O(N) results; compute-bound on the fp64 exp / log of
-// the bins, not on memory.
+// (and the mask, the labels), writes g [N, K] f64 and O(N) results; compute-bound on the fp64
+// exp / log of the bins, not on memory.
 //
 // Work split: K <= 256 (the fast path): one warp per row (WarpLanes), 8 rows per 256-thread
 // block, entry k on lane k % 32. K > 256: one 256-thread block per row (BlockLanes). Reductions
@@ -23,21 +24,28 @@ TD_CUDA_NAMESPACE_BEGIN
 
 constexpr int64_t kWarpPathMaxK = 256;
 constexpr int kEpilogueThreads = 256;
+constexpr int64_t kEpilogueSums = 5;       // (csrc/ops.h kShardSums)
+constexpr int64_t kEpilogueRowCoefs = 6;   // (csrc/ops.h kRowCoefs)
 
 template <typename acc_t, typename id_t, typename lp_t>
 struct EpilogueArgs {
-  LossParams params;
+  LossTerms terms;
   int64_t N, K, vocab_size;
+  int64_t gathered_cols;  // K + L
+  bool with_entropy;
   const acc_t* row_max;   // [N]
-  const acc_t* sums;      // [N, 3]
-  const acc_t* gathered;  // [N, K]
+  const acc_t* sums;      // [N, 5]
+  const acc_t* gathered;  // [N, K + L]
   const id_t* ids;        // [N, K]
   const lp_t* lp;         // [N, K]
   const bool* mask;       // [N] or null
+  const int64_t* labels;  // [N] or null
   acc_t* loss;            // [N]
   float* student_mass;    // [N]
   float* teacher_mass;    // [N]
-  double* row_coefs;      // [N, 3]
+  acc_t* label_logprobs;  // [N]
+  acc_t* entropy;         // [N]
+  double* row_coefs;      // [N, 6]
   double* g;              // [N, K]
 };
 
@@ -45,19 +53,31 @@ template <class Lanes, typename acc_t, typename id_t, typename lp_t>
 __device__ __forceinline__ void epilogue_one_row(const Lanes& lanes,
                                                  const EpilogueArgs<acc_t, id_t, lp_t>& a,
                                                  int64_t n) {
-  const RowStats st{static_cast<double>(a.row_max[n]), static_cast<double>(a.sums[3 * n]),
-                    static_cast<double>(a.sums[3 * n + 1]), static_cast<double>(a.sums[3 * n + 2])};
+  const acc_t* s = a.sums + n * kEpilogueSums;
+  const RowStats st{static_cast<double>(a.row_max[n]), static_cast<double>(s[0]),
+                    static_cast<double>(s[1]), static_cast<double>(s[2]),
+                    static_cast<double>(s[3]), static_cast<double>(s[4])};
   const bool counted = a.mask == nullptr || a.mask[n];
-  const RowResult r = epilogue_row(lanes, a.params, a.K, st, counted, a.vocab_size,
-                                   a.gathered + n * a.K, a.ids + n * a.K, a.lp + n * a.K,
-                                   a.g + n * a.K);
+  const acc_t* x = a.gathered + n * a.gathered_cols;
+  const RowResult r = epilogue_row(lanes, a.terms, a.K, st, counted, a.vocab_size, x,
+                                   a.ids + n * a.K, a.lp + n * a.K, a.g + n * a.K);
   if (lanes.leader()) {
+    const bool has_label = a.labels != nullptr;
+    const RowExtras e = row_extras(st, r.log_sum, counted, has_label,
+                                   has_label ? a.labels[n] : int64_t(-1), a.vocab_size,
+                                   has_label ? x[a.K] : acc_t(0), a.with_entropy);
     a.loss[n] = static_cast<acc_t>(r.loss);
     a.student_mass[n] = static_cast<float>(r.student_mass);
     a.teacher_mass[n] = static_cast<float>(r.teacher_mass);
-    a.row_coefs[3 * n + 0] = r.log_sum;
-    a.row_coefs[3 * n + 1] = r.dense_coef;
-    a.row_coefs[3 * n + 2] = r.outside_coef;
+    a.label_logprobs[n] = static_cast<acc_t>(e.label_logprob);
+    a.entropy[n] = static_cast<acc_t>(e.entropy);
+    double* c = a.row_coefs + n * kEpilogueRowCoefs;
+    c[0] = r.log_sum;
+    c[1] = r.dense_coef;
+    c[2] = r.outside_coef;
+    c[3] = e.entropy;
+    c[4] = e.label_factor;
+    c[5] = e.entropy_factor;
   }
 }
 

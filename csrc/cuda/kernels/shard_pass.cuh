@@ -342,7 +342,7 @@ __global__ void __launch_bounds__(kShardPassMaxThreads, shard_pass_min_blocks<sc
   const bool split = a.splits > 1;
   const int64_t work = a.N * a.splits;
   for (int64_t w = blockIdx.x; w < work; w += gridDim.x) {
-    const int64_t n = w / a.splits, sp = w - n * a.splits;
+    const auto [n, sp] = work_item(w, a.splits);
     const int64_t r0 = sp * a.chunk, r1 = std::min(a.V, r0 + a.chunk);
     const scalar_t* z = a.logits + a.rows.offset(n);
     const id_t* ids = a.ids + n * a.K;
