@@ -39,12 +39,14 @@ inline RowSplit choose_row_split(int64_t N, int64_t V, int sms) {
   return {cdiv(V, chunk), chunk};
 }
 
-// Threads per block for a range of `cols` columns of VEC-element packs.
+// Threads per block for a range of `cols` columns of VEC-element packs: 256 (the streaming
+// kernels' __launch_bounds__ maximum: 4 blocks of 256 per SM rather than 2 of 512, so that a
+// block's prologue / epilogue idles a quarter of the SM's threads, not half), 128 for short
+// ranges.
+constexpr int kMaxStreamThreads = 256;
 inline int threads_for(int64_t cols, int vec) {
   const int64_t packs = cols / vec;
-  if (packs >= 8192) return 512;
-  if (packs >= 2048) return 256;
-  return 128;
+  return packs >= 2048 ? kMaxStreamThreads : 128;
 }
 
 inline unsigned grid_for(int64_t work_items) {

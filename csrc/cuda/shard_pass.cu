@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -39,7 +40,8 @@ namespace {
 // for a 64-bit value and a column in one key) take a stable descending sort instead. Rows go in
 // chunks of ~128 MiB of keys, on views of the logits (no [N, V_r] buffer, no copy of the
 // logits); 3-D logits are chunked within one leading index or over whole leading indices, so
-// every chunk is a plain strided view.
+// every chunk is a plain strided view. (TOPK_DISTILL_TOPK_CHUNK_BYTES overrides the 128 MiB, for
+// the tests of the chunking.)
 // ---------------------------------------------------------------------------------------------
 
 // Rows [n0, n1) of the logits as a view whose last dim is V (2-D, or 3-D over whole b's).
@@ -61,7 +63,11 @@ void shard_topk(const at::Tensor& logits, const RowLayout& l, int64_t topk, int6
   if (kk == 0 || N == 0) return;
   const bool fp64 = logits.scalar_type() == at::kDouble;
   const int64_t key_bytes = fp64 ? 16 : 8;  // (the sort keeps values and indices)
-  int64_t rows = std::max<int64_t>(1, (int64_t(128) << 20) / (key_bytes * V));
+  int64_t budget = int64_t(128) << 20;
+  if (const char* env = std::getenv("TOPK_DISTILL_TOPK_CHUNK_BYTES")) {  // (tests: tiny chunks)
+    if (std::atoll(env) > 0) budget = std::atoll(env);
+  }
+  int64_t rows = std::max<int64_t>(1, budget / (key_bytes * V));
   if (logits.dim() == 3) {  // a chunk is within one b (rows <= T) or whole b's
     rows = rows >= l.T ? (rows / l.T) * l.T : rows;
   }
@@ -88,8 +94,8 @@ void shard_topk(const at::Tensor& logits, const RowLayout& l, int64_t topk, int6
       idx = std::get<1>(at::topk(key, kk, -1, /*largest=*/true, /*sorted=*/true));
     }
     const at::Tensor vals = view.gather(-1, idx);
-    values.narrow(0, n0, n1 - n0).copy_(vals.reshape({n1 - n0, kk}));
-    ids.narrow(0, n0, n1 - n0).copy_(idx.reshape({n1 - n0, kk}).add(vocab_start));
+    values.narrow(0, n0, n1 - n0).narrow(1, 0, kk).copy_(vals.reshape({n1 - n0, kk}));
+    ids.narrow(0, n0, n1 - n0).narrow(1, 0, kk).copy_(idx.reshape({n1 - n0, kk}).add(vocab_start));
     n0 = n1;
   }
 }

@@ -42,7 +42,8 @@ TD_CUDA_NAMESPACE_BEGIN
 
 // Threads per block: at most this (threads_for), four blocks per SM (__launch_bounds__: 64
 // registers); fp64 two (128 registers).
-constexpr int kBackwardMaxThreads = 256;
+constexpr int kBackwardMaxThreads = kMaxStreamThreads;
+static_assert(kBackwardMaxThreads == 256, "the launch bounds below assume 256");
 template <typename scalar_t>
 constexpr int backward_min_blocks() { return sizeof(scalar_t) == 8 ? 2 : 4; }
 

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -65,7 +66,8 @@ constexpr bool is_f16() { return sizeof(scalar_t) == 2 && std::numeric_limits<sc
 template <typename acc_t, typename scalar_t, int VEC>
 __device__ __forceinline__ void unpack(const Pack<scalar_t, VEC>& pk, acc_t (&x)[VEC]) {
   if constexpr (is_bf16<scalar_t>() && std::is_same_v<acc_t, float>) {
-    const uint32_t* w = reinterpret_cast<const uint32_t*>(&pk);
+    uint32_t w[VEC / 2];
+    memcpy(w, &pk, sizeof(w));  // (not a reinterpret_cast: strict aliasing, in the host build)
 #pragma unroll
     for (int i = 0; i < VEC / 2; ++i) {
       x[2 * i] = bits_to_float(w[i] << 16);
@@ -90,12 +92,13 @@ __device__ __forceinline__ Pack<scalar_t, VEC> repack(const acc_t (&x)[VEC]) {
   Pack<scalar_t, VEC> pk;
   if constexpr ((is_bf16<scalar_t>() || is_f16<scalar_t>()) && std::is_same_v<acc_t, float> &&
                 VEC % 2 == 0) {
-    uint32_t* w = reinterpret_cast<uint32_t*>(&pk);
+    uint32_t w[VEC / 2];
 #pragma unroll
     for (int i = 0; i < VEC / 2; ++i) {
       w[i] = is_bf16<scalar_t>() ? pack_bf16x2_rn(x[2 * i], x[2 * i + 1])
                                  : pack_f16x2_rn(x[2 * i], x[2 * i + 1]);
     }
+    memcpy(&pk, w, sizeof(w));
   } else {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) pk.v[i] = static_cast<scalar_t>(x[i]);

@@ -47,7 +47,8 @@ TD_CUDA_NAMESPACE_BEGIN
 // block is in its prologue (marks) or epilogue (reductions, gathers) three quarters of the SM
 // still stream instead of half.
 // fp64 (not budgeted; its libdevice exp2 alone needs more) gets two blocks, 128 registers.
-constexpr int kShardPassMaxThreads = 256;
+constexpr int kShardPassMaxThreads = kMaxStreamThreads;
+static_assert(kShardPassMaxThreads == 256, "the launch bounds below assume 256");
 template <typename scalar_t>
 constexpr int shard_pass_min_blocks() { return sizeof(scalar_t) == 8 ? 2 : 4; }
 constexpr int kShardCombineThreads = 128;
