@@ -1127,7 +1127,7 @@ def render_markdown(r: Dict, env: Dict) -> str:
                                     f"{k['spill_stores']}/{k['spill_loads']} B"
                                     for k in spills) if spills else ""))
     lines += ["", "## Summary: main streaming loop per kernel and dtype", "",
-              "Over the instantiations (id type, split/non-split); the breakdown is the worst one's.",
+              "Over the instantiations (id type; the bool template argument: with_entropy in the shard pass, a grad_entropy in the backward); the breakdown is the worst one's.",
               "", "| kernel | dtype | inst. | regs | spills st/ld B | logits/iter | B/logit |"
               " instr/logit | breakdown per logit (worst) | H100: budget, bound |"
               " H200: budget, bound | issue 13 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
