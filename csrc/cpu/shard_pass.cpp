@@ -1,16 +1,19 @@
-// CPU shard pass: one read of this rank's logits.
+// CPU shard pass: one read of this rank's logits (what it returns: csrc/registration.cpp).
 //
 // Memory traffic: reads N * V_r logits once (blocks of kBlock columns stay in L1/L2 between the
-// block's max and its sum), N * K ids and K scattered logits per row; writes N * (4 + K) acc
-// values. Work split: rows across threads with at::parallel_for; one thread owns a row, so the
-// result does not depend on the thread count (bitwise deterministic).
+// block's max and its sum), N * K ids and K + 1 scattered logits per row; writes N * (6 + K + 1 +
+// 2 topk) values. Work split: rows across threads with at::parallel_for; one thread owns a row,
+// so the result does not depend on the thread count (bitwise deterministic). Rows are addressed
+// through RowLayout: [N, V] or [B, T, V] views with any leading strides, no copy.
 //
 // Per row: (1) the teacher ids that fall in this shard are gathered and marked in a bitmap of
 // the shard's columns (a repeated id is flagged as a duplicate); (2) a streaming pass keeps the
 // running max M of z/T and the sum of exp(z/T - M) over the columns NOT in the bitmap ("rest"),
-// rescaling when a block raises M; (3) the distinct and the repeated teacher entries are summed
-// from the gathered values. Keeping "rest" apart is what lets the epilogue form the student's
-// mass outside the top-k, 1 - Q, without cancellation.
+// rescaling when a block raises M - with_entropy also the sum over all columns and the sum of
+// e * (z/T - M), and with topk a selection that only looks at a block whose max beats its k-th
+// value (so in the common case the top-k costs one compare per block); (3) the distinct and the
+// repeated teacher entries are summed from the gathered values. Keeping "rest" apart is what
+// lets the epilogue form the student's mass outside the top-k, 1 - Q, without cancellation.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -35,37 +38,113 @@ enum EntryKind : uint8_t { kOutside = 0, kFirst = 1, kRepeat = 2 };
 
 inline bool is_teacher(const uint64_t* bitmap, int64_t j) { return (bitmap[j >> 6] >> (j & 63)) & 1; }
 
-struct RowMaxRest {
+struct RowPassOut {
   double max;   // M = max_v z_v / T
   double rest;  // sum over non-teacher columns of exp(z_v / T - M)
+  double all;   // with entropy: sum over all columns of exp(z_v / T - M)
+  double ent;   // with entropy: sum over all columns of exp(z_v / T - M) (z_v / T - M)
+};
+
+// The k largest raw logits of a row and their columns: larger value first, then lower column;
+// NaN above everything (torch.sort's order; only the all-columns path below sees NaN). A heap of
+// the k best so far whose top is the worst of them; columns arrive in increasing order, so a
+// value equal to the current k-th never displaces it (the lower column wins the tie).
+template <typename acc_t>
+class RowTopK {
+ public:
+  struct Item {
+    acc_t v;
+    int64_t col;
+  };
+
+  void reset(int64_t k) {
+    k_ = static_cast<size_t>(k);
+    heap_.clear();
+  }
+  // Whether a block whose largest value is `block_max` can change the selection.
+  bool wants(acc_t block_max) const { return heap_.size() < k_ || block_max > heap_.front().v; }
+
+  template <typename scalar_t>
+  void offer_block(const scalar_t* z, int64_t b0, int64_t b1) {
+    for (int64_t j = b0; j < b1; ++j) offer(static_cast<acc_t>(z[j]), j);
+  }
+
+  void offer(acc_t v, int64_t col) {
+    if (heap_.size() < k_) {
+      heap_.push_back({v, col});
+      std::push_heap(heap_.begin(), heap_.end(), better);
+    } else if (better({v, col}, heap_.front())) {
+      std::pop_heap(heap_.begin(), heap_.end(), better);
+      heap_.back() = {v, col};
+      std::push_heap(heap_.begin(), heap_.end(), better);
+    }
+  }
+
+  // The selection, best first, as (value, global id); (-inf, -1) past the shard's columns.
+  void write(acc_t* values, int64_t* ids, int64_t vocab_start) {
+    std::sort(heap_.begin(), heap_.end(), better);
+    for (size_t i = 0; i < k_; ++i) {
+      values[i] = i < heap_.size() ? heap_[i].v : -std::numeric_limits<acc_t>::infinity();
+      ids[i] = i < heap_.size() ? vocab_start + heap_[i].col : -1;
+    }
+  }
+
+  // a ranks before b: a larger value (NaN largest), then a lower column.
+  static bool better(const Item& a, const Item& b) {
+    const bool an = a.v != a.v, bn = b.v != b.v;
+    if (an || bn) return an && (!bn || a.col < b.col);
+    return a.v > b.v || (a.v == b.v && a.col < b.col);
+  }
+
+ private:
+  size_t k_ = 0;
+  std::vector<Item> heap_;
 };
 
 // Scalar row pass in acc_t (float, or double for fp64 logits).
-template <typename scalar_t, typename acc_t>
-RowMaxRest row_pass_scalar(const scalar_t* z, int64_t V, acc_t inv_t, const uint64_t* bitmap) {
+template <typename scalar_t, typename acc_t, bool kEntropy>
+RowPassOut row_pass_scalar(const scalar_t* z, int64_t V, acc_t inv_t, const uint64_t* bitmap,
+                           RowTopK<acc_t>* topk) {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
-  acc_t rest = 0;
+  acc_t rest = 0, all = 0, ent = 0;
   for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
     const int64_t b1 = std::min(V, b0 + kBlock);
     acc_t zmax = -std::numeric_limits<acc_t>::infinity();
     for (int64_t j = b0; j < b1; ++j) {
       const acc_t x = static_cast<acc_t>(z[j]);
-      if (x != x) return {std::nan(""), std::nan("")};
+      if (x != x) return {std::nan(""), std::nan(""), std::nan(""), std::nan("")};
       zmax = std::max(zmax, x);
     }
+    if (topk != nullptr && topk->wants(zmax)) topk->offer_block(z, b0, b1);
     const acc_t bm = zmax * inv_t;
     if (bm > m) {
-      rest *= std::exp(m - bm);
+      const acc_t scale = std::exp(m - bm);
+      if constexpr (kEntropy) {
+        if (all != 0) ent = (ent + (m - bm) * all) * scale;  // S2' = (S2 + (m - m') S1) e^(m - m')
+        all *= scale;
+      }
+      rest *= scale;
       m = bm;
     }
     if (m == -std::numeric_limits<acc_t>::infinity()) continue;
-    acc_t block_rest = 0;
+    acc_t block_rest = 0, block_all = 0, block_ent = 0;
     for (int64_t j = b0; j < b1; ++j) {
-      if (!is_teacher(bitmap, j)) block_rest += std::exp(static_cast<acc_t>(z[j]) * inv_t - m);
+      const acc_t t = static_cast<acc_t>(z[j]) * inv_t - m;
+      const acc_t e = std::exp(t);
+      if constexpr (kEntropy) {
+        block_all += e;
+        block_ent += e * t;
+      }
+      if (!is_teacher(bitmap, j)) block_rest += e;
     }
     rest += block_rest;
+    if constexpr (kEntropy) {
+      all += block_all;
+      ent += block_ent;
+    }
   }
-  return {static_cast<double>(m), static_cast<double>(rest)};
+  return {static_cast<double>(m), static_cast<double>(rest), static_cast<double>(all),
+          static_cast<double>(ent)};
 }
 
 #if TD_HAVE_X86
@@ -85,38 +164,44 @@ RowMaxRest row_pass_scalar(const scalar_t* z, int64_t V, acc_t inv_t, const uint
 #undef TD_SIMD_EXP8
 #endif
 
-template <typename scalar_t, typename acc_t>
-RowMaxRest row_pass(const scalar_t* z, int64_t V, acc_t inv_t, const uint64_t* bitmap) {
+template <typename scalar_t, typename acc_t, bool kEntropy>
+RowPassOut row_pass(const scalar_t* z, int64_t V, acc_t inv_t, const uint64_t* bitmap,
+                    RowTopK<acc_t>* topk) {
 #if TD_HAVE_X86
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (cpu_has_avx2()) return row_pass_avx2<scalar_t>(z, V, inv_t, bitmap);
-    if (cpu_has_avx_fma()) return row_pass_avx<scalar_t>(z, V, inv_t, bitmap);
+    if (cpu_has_avx2()) return row_pass_avx2<scalar_t, kEntropy>(z, V, inv_t, bitmap, topk);
+    if (cpu_has_avx_fma()) return row_pass_avx<scalar_t, kEntropy>(z, V, inv_t, bitmap, topk);
   }
 #endif
-  return row_pass_scalar<scalar_t, acc_t>(z, V, inv_t, bitmap);
+  return row_pass_scalar<scalar_t, acc_t, kEntropy>(z, V, inv_t, bitmap, topk);
 }
 
-template <typename scalar_t, typename acc_t, typename id_t>
-void shard_pass_kernel(const at::Tensor& logits, const at::Tensor& ids, int64_t vocab_start,
-                       double inv_temperature, at::Tensor& row_max, at::Tensor& sums,
-                       at::Tensor& gathered) {
-  const int64_t N = logits.size(0), V = logits.size(1), K = ids.size(1);
-  const int64_t row_stride = logits.stride(0);
+template <typename scalar_t, typename acc_t, typename id_t, typename label_t>
+void shard_pass_kernel(const at::Tensor& logits, const RowLayout& layout, const at::Tensor& ids,
+                       const label_t* labels, int64_t vocab_start, double inv_temperature,
+                       bool with_entropy, int64_t topk_k, at::Tensor& row_max, at::Tensor& sums,
+                       at::Tensor& gathered, at::Tensor& topk_values, at::Tensor& topk_ids) {
+  const int64_t N = layout.N, V = layout.V, K = ids.size(1);
+  const int64_t G = gathered.size(1);  // K, or K + 1 with labels
   const scalar_t* z_base = logits.const_data_ptr<scalar_t>();
   const id_t* id_base = ids.const_data_ptr<id_t>();
   acc_t* max_out = row_max.mutable_data_ptr<acc_t>();
   acc_t* sums_out = sums.mutable_data_ptr<acc_t>();
   acc_t* gath_out = gathered.mutable_data_ptr<acc_t>();
+  acc_t* topk_v_out = topk_k > 0 ? topk_values.mutable_data_ptr<acc_t>() : nullptr;
+  int64_t* topk_i_out = topk_k > 0 ? topk_ids.mutable_data_ptr<int64_t>() : nullptr;
   const acc_t inv_t = static_cast<acc_t>(inv_temperature);
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1));
 
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     std::vector<uint64_t> bitmap((V + 63) / 64 + 1, 0);
     std::vector<uint8_t> kind(K);
+    RowTopK<acc_t> selector;
     for (int64_t n = begin; n < end; ++n) {
-      const scalar_t* z = z_base + n * row_stride;
+      const scalar_t* z = z_base + layout.offset(n);
       const id_t* row_ids = id_base + n * K;
-      acc_t* x = gath_out + n * K;
+      acc_t* x = gath_out + n * G;
+      int64_t teacher_cols = 0;
       for (int64_t k = 0; k < K; ++k) {
         const int64_t id = static_cast<int64_t>(row_ids[k]);
         const int64_t local = id - vocab_start;
@@ -129,10 +214,30 @@ void shard_pass_kernel(const at::Tensor& logits, const at::Tensor& ids, int64_t 
         uint64_t& word = bitmap[local >> 6];
         const uint64_t bit = uint64_t(1) << (local & 63);
         kind[k] = (word & bit) ? kRepeat : kFirst;
+        teacher_cols += kind[k] == kFirst;
         word |= bit;
       }
-      const RowMaxRest mr = row_pass<scalar_t, acc_t>(z, V, inv_t, bitmap.data());
-      const acc_t m = static_cast<acc_t>(mr.max);
+      if (labels != nullptr) {
+        const int64_t y = static_cast<int64_t>(labels[n]);
+        const int64_t local = y - vocab_start;
+        x[K] = (y >= 0 && local >= 0 && local < V) ? static_cast<acc_t>(z[local]) * inv_t : acc_t(0);
+      }
+      RowTopK<acc_t>* sel = nullptr;
+      if (topk_k > 0) {
+        selector.reset(topk_k);
+        sel = &selector;
+      }
+      const RowPassOut r = with_entropy
+                               ? row_pass<scalar_t, acc_t, true>(z, V, inv_t, bitmap.data(), sel)
+                               : row_pass<scalar_t, acc_t, false>(z, V, inv_t, bitmap.data(), sel);
+      const acc_t m = static_cast<acc_t>(r.max);
+      if (sel != nullptr) {
+        if (r.max != r.max) {  // a NaN logit: the streaming selection stopped early; redo it all
+          selector.reset(topk_k);
+          selector.offer_block(z, 0, V);
+        }
+        selector.write(topk_v_out + n * topk_k, topk_i_out + n * topk_k, vocab_start);
+      }
       acc_t teach = 0, dup = 0;
       for (int64_t k = 0; k < K; ++k) {
         if (kind[k] == kOutside) continue;
@@ -145,33 +250,48 @@ void shard_pass_kernel(const at::Tensor& logits, const at::Tensor& ids, int64_t 
         }
       }
       max_out[n] = m;
-      sums_out[3 * n + 0] = static_cast<acc_t>(mr.rest);
-      sums_out[3 * n + 1] = teach;
-      sums_out[3 * n + 2] = dup;
+      acc_t* s = sums_out + kShardSums * n;
+      s[0] = static_cast<acc_t>(r.rest);
+      s[1] = teach;
+      s[2] = dup;
+      s[3] = static_cast<acc_t>(teacher_cols);
+      s[4] = with_entropy ? static_cast<acc_t>(r.ent) : acc_t(0);
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> shard_pass_cpu(const at::Tensor& logits,
-                                                             const at::Tensor& teacher_ids,
-                                                             int64_t vocab_start,
-                                                             double inv_temperature) {
-  check_logits_and_ids(logits, teacher_ids);
-  TORCH_CHECK_VALUE(logits.size(1) > 0, "logits must have at least one vocab column");
-  const int64_t N = logits.size(0), K = teacher_ids.size(1);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_pass_cpu(
+    const at::Tensor& logits, const at::Tensor& teacher_ids, const std::optional<at::Tensor>& labels,
+    int64_t vocab_start, double inv_temperature, bool with_entropy, int64_t topk) {
+  const RowLayout layout = check_logits_and_ids(logits, teacher_ids);
+  TORCH_CHECK_VALUE(layout.V > 0, "logits must have at least one vocab column");
+  TORCH_CHECK_VALUE(topk >= 0, "topk must be >= 0; got ", topk);
+  check_labels(labels, layout.N, logits.device());
+  const int64_t N = layout.N, K = teacher_ids.size(1);
   const auto opts = logits.options().dtype(acc_dtype(logits.scalar_type()));
   at::Tensor row_max = at::empty({N}, opts);
-  at::Tensor sums = at::empty({N, 3}, opts);
-  at::Tensor gathered = at::empty({N, K}, opts);
-  if (N == 0) return {row_max, sums, gathered};
+  at::Tensor sums = at::empty({N, kShardSums}, opts);
+  at::Tensor gathered = at::empty({N, K + (labels.has_value() ? 1 : 0)}, opts);
+  at::Tensor topk_values = at::empty({N, topk}, opts);
+  at::Tensor topk_ids = at::empty({N, topk}, opts.dtype(at::kLong));
+  if (N == 0) return {row_max, sums, gathered, topk_values, topk_ids};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "shard_pass_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     AT_DISPATCH_INDEX_TYPES(teacher_ids.scalar_type(), "shard_pass_cpu_ids", [&] {
-      shard_pass_kernel<scalar_t, acc_t, index_t>(logits, teacher_ids, vocab_start,
-                                                  inv_temperature, row_max, sums, gathered);
+      using id_t = index_t;
+      if (labels.has_value() && labels->scalar_type() == at::kInt) {
+        shard_pass_kernel<scalar_t, acc_t, id_t, int32_t>(
+            logits, layout, teacher_ids, labels->const_data_ptr<int32_t>(), vocab_start,
+            inv_temperature, with_entropy, topk, row_max, sums, gathered, topk_values, topk_ids);
+      } else {
+        shard_pass_kernel<scalar_t, acc_t, id_t, int64_t>(
+            logits, layout, teacher_ids,
+            labels.has_value() ? labels->const_data_ptr<int64_t>() : nullptr, vocab_start,
+            inv_temperature, with_entropy, topk, row_max, sums, gathered, topk_values, topk_ids);
+      }
     });
   });
-  return {row_max, sums, gathered};
+  return {row_max, sums, gathered, topk_values, topk_ids};
 }
 
 }  // namespace
