@@ -209,8 +209,16 @@ def write_results(device, rows: List[Dict], meta: Dict, out_dir) -> None:
              "backward: " + ("torch.profiler allocator events (`peak alloc`) and, as a "
                              "cross-check, peak RSS over the timed runs (`peak RSS`)" if cpu
                              else "torch.cuda.max_memory_allocated"),
-             "- `/ verl` = the method's time (CPU time on CPU) and peak over verl's default "
-             "path's", "",
+             "- `/ verl` = the method's time (CPU time on CPU) and peak alloc over verl's "
+             "default path's" + ("; the CPU is shared with other jobs (see the load average): "
+                                 "wall times are inflated, CPU times much less" if cpu else ""),
+             *(["- peak RSS sees only pages that become resident during the timed runs: what "
+                "the warm-up left resident does not show - e.g. our CPU backward's recycled "
+                "gradient buffer (N x V x element size), which peak alloc counts; compare peak "
+                "alloc"] if cpu else []),
+             "- `dropin` needs `topk_distill_loss(..., student_topk=K)` (SPEC 9.4); "
+             "`dropin_no_topk` is the drop-in's loss, masses and gradient without the student "
+             "top-K / overlap outputs", "",
              "| dtype | method | fwd ms | bwd ms | fwd+bwd ms | CPU ms | / verl time | "
              "peak alloc MB | peak RSS MB | / verl peak |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -219,7 +227,8 @@ def write_results(device, rows: List[Dict], meta: Dict, out_dir) -> None:
                          and "error" not in b), None)
         tkey = "cpu_ms_fwd_bwd" if cpu else "ms_fwd_bwd"
         if "error" in r:
-            lines.append(f"| {r['dtype']} | {r['method']} | error: {r['error']} |||||||| ")
+            lines.append(f"| {r['dtype']} | {r['method']} | error: {r['error']} |"
+                         + " - |" * 7)
             continue
         t_ratio = f"{r[tkey] / base_row[tkey]:.2f}x" if base_row else "-"
         m_ratio = (f"{r['peak_alloc_mb'] / base_row['peak_alloc_mb']:.2f}x"
