@@ -331,7 +331,7 @@ def test_registered_loss_modes_compute_their_divergence(verl, mode):
     assert_close(got["student_mass"], exp.student_mass, F32, mode)
 
 
-def test_verl_autopatch_through_verls_plugin_hook():
+def test_verl_autopatch_through_verls_plugin_hook(verl):
     """VERL_USE_EXTERNAL_MODULES=topk_distill.integrations.verl_autopatch: `import verl` patches
     (in a fresh process, as a Ray worker would)."""
     code = textwrap.dedent("""
@@ -347,7 +347,6 @@ def test_verl_autopatch_through_verls_plugin_hook():
         assert set(tdv.VERL_LOSS_MODES) <= set(DISTILLATION_LOSS_REGISTRY)
         print("ok")
     """)
-    pytest.importorskip("verl")
     env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="topk_distill.integrations.verl_autopatch",
                PYTHONWARNINGS="ignore")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
