@@ -22,6 +22,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -45,60 +47,123 @@ struct RowPassOut {
   double ent;   // with entropy: sum over all columns of exp(z_v / T - M) (z_v / T - M)
 };
 
-// The k largest raw logits of a row and their columns: larger value first, then lower column;
-// NaN above everything (torch.sort's order; only the all-columns path below sees NaN). A heap of
-// the k best so far whose top is the worst of them; columns arrive in increasing order, so a
-// value equal to the current k-th never displaces it (the lower column wins the tie).
+// A (value, column) pair as one totally ordered key, larger = ranks first: a larger value (NaN
+// above everything, as torch.sort), then a lower column. For float values that is a single
+// uint64 - order-preserving value bits above the complemented column - so the selection sorts
+// plain integers; for double a pair with the same order.
+template <typename acc_t>
+struct RankKey;
+
+template <>
+struct RankKey<float> {
+  using Key = uint64_t;
+  static Key make(float v, int64_t col) {
+    if (v == 0.0f) v = 0.0f;  // -0 == +0: equal values, ranked by column
+    uint32_t b;
+    std::memcpy(&b, &v, sizeof b);
+    b = (v != v) ? 0xffffffffu : ((b & 0x80000000u) ? ~b : (b | 0x80000000u));
+    return (static_cast<uint64_t>(b) << 32) | (0xffffffffu - static_cast<uint32_t>(col));
+  }
+  static int64_t col(Key k) { return static_cast<int64_t>(0xffffffffu - static_cast<uint32_t>(k)); }
+  static float value(Key k) {
+    const uint32_t b = static_cast<uint32_t>(k >> 32);
+    if (b == 0xffffffffu) return std::numeric_limits<float>::quiet_NaN();
+    const uint32_t u = (b & 0x80000000u) ? (b & 0x7fffffffu) : ~b;
+    float v;
+    std::memcpy(&v, &u, sizeof v);
+    return v;
+  }
+};
+
+template <>
+struct RankKey<double> {
+  struct Key {
+    double v;
+    int64_t col;
+    bool operator>(const Key& o) const {
+      const bool an = v != v, bn = o.v != o.v;
+      if (an || bn) return an && (!bn || col < o.col);
+      return v > o.v || (v == o.v && col < o.col);
+    }
+  };
+  static Key make(double v, int64_t col) { return {v, col}; }
+  static int64_t col(const Key& k) { return k.col; }
+  static double value(const Key& k) { return k.v; }
+};
+
+// The k largest raw logits of a row and their columns, ranked by RankKey. Candidates go into a
+// buffer; whenever it holds k + max(k, 32), nth_element keeps the k best and the k-th best value
+// becomes the threshold a later value must beat (strictly: columns arrive in increasing order,
+// so an equal value never displaces - the lower column wins the tie). Compacting that often
+// keeps the threshold fresh (a stale one lets many more values through); each compaction costs
+// O(k) on plain integer keys. For logits in random order about k * ln(V / k) values pass the
+// threshold in a whole row (~400 for k = 64, V = 32000), so past the first block the selection
+// costs one compare per value (8 at a time in the SIMD pass).
 template <typename acc_t>
 class RowTopK {
- public:
-  struct Item {
-    acc_t v;
-    int64_t col;
-  };
+  using Codec = RankKey<acc_t>;
+  using Key = typename Codec::Key;
 
+ public:
   void reset(int64_t k) {
     k_ = static_cast<size_t>(k);
-    heap_.clear();
+    keys_.clear();
+    capacity_ = k_ + std::max<size_t>(k_, 32);
+    keys_.reserve(capacity_);
+    compacted_ = false;
   }
+  // Once compacted, only values above threshold() can enter.
+  bool full() const { return compacted_; }
+  acc_t threshold() const { return threshold_; }
   // Whether a block whose largest value is `block_max` can change the selection.
-  bool wants(acc_t block_max) const { return heap_.size() < k_ || block_max > heap_.front().v; }
-
-  template <typename scalar_t>
-  void offer_block(const scalar_t* z, int64_t b0, int64_t b1) {
-    for (int64_t j = b0; j < b1; ++j) offer(static_cast<acc_t>(z[j]), j);
-  }
+  bool wants(acc_t block_max) const { return !full() || block_max > threshold(); }
 
   void offer(acc_t v, int64_t col) {
-    if (heap_.size() < k_) {
-      heap_.push_back({v, col});
-      std::push_heap(heap_.begin(), heap_.end(), better);
-    } else if (better({v, col}, heap_.front())) {
-      std::pop_heap(heap_.begin(), heap_.end(), better);
-      heap_.back() = {v, col};
-      std::push_heap(heap_.begin(), heap_.end(), better);
+    keys_.push_back(Codec::make(v, col));
+    if (keys_.size() == capacity_) compact();
+  }
+
+  // Offers z[b0, b1): every value until the first compaction, then those above the threshold;
+  // fill() stops at that point and returns the first column it did not offer (the vectorised
+  // row pass compares the rest 8 at a time).
+  template <typename scalar_t>
+  int64_t fill(const scalar_t* z, int64_t b0, int64_t b1) {
+    int64_t j = b0;
+    for (; j < b1 && !full(); ++j) offer(static_cast<acc_t>(z[j]), j);
+    return j;
+  }
+  template <typename scalar_t>
+  void offer_block(const scalar_t* z, int64_t b0, int64_t b1) {
+    for (int64_t j = fill(z, b0, b1); j < b1; ++j) {
+      const acc_t v = static_cast<acc_t>(z[j]);
+      if (v > threshold_ || v != v) offer(v, j);  // (NaN: the all-columns redo of a NaN row)
     }
   }
 
   // The selection, best first, as (value, global id); (-inf, -1) past the shard's columns.
   void write(acc_t* values, int64_t* ids, int64_t vocab_start) {
-    std::sort(heap_.begin(), heap_.end(), better);
+    if (keys_.size() > k_) compact();
+    std::sort(keys_.begin(), keys_.end(), std::greater<Key>());
     for (size_t i = 0; i < k_; ++i) {
-      values[i] = i < heap_.size() ? heap_[i].v : -std::numeric_limits<acc_t>::infinity();
-      ids[i] = i < heap_.size() ? vocab_start + heap_[i].col : -1;
+      const bool real = i < keys_.size();
+      values[i] = real ? Codec::value(keys_[i]) : -std::numeric_limits<acc_t>::infinity();
+      ids[i] = real ? vocab_start + Codec::col(keys_[i]) : -1;
     }
   }
 
-  // a ranks before b: a larger value (NaN largest), then a lower column.
-  static bool better(const Item& a, const Item& b) {
-    const bool an = a.v != a.v, bn = b.v != b.v;
-    if (an || bn) return an && (!bn || a.col < b.col);
-    return a.v > b.v || (a.v == b.v && a.col < b.col);
+ private:
+  void compact() {
+    const auto kth = keys_.begin() + (k_ - 1);
+    std::nth_element(keys_.begin(), kth, keys_.end(), std::greater<Key>());
+    keys_.resize(k_);
+    threshold_ = Codec::value(keys_[k_ - 1]);  // the k-th best value
+    compacted_ = true;
   }
 
- private:
-  size_t k_ = 0;
-  std::vector<Item> heap_;
+  size_t k_ = 0, capacity_ = 0;
+  std::vector<Key> keys_;
+  acc_t threshold_ = -std::numeric_limits<acc_t>::infinity();
+  bool compacted_ = false;
 };
 
 // Scalar row pass in acc_t (float, or double for fp64 logits).
@@ -150,17 +215,21 @@ RowPassOut row_pass_scalar(const scalar_t* z, int64_t V, acc_t inv_t, const uint
 #if TD_HAVE_X86
 #define TD_SIMD_TARGET TD_AVX_TARGET
 #define TD_SIMD_NAME row_pass_avx
+#define TD_SIMD_TOPK_NAME topk_block_avx
 #define TD_SIMD_EXP8 exp8_nonpositive
 #include "row_pass_simd.inc"
 #undef TD_SIMD_TARGET
 #undef TD_SIMD_NAME
+#undef TD_SIMD_TOPK_NAME
 #undef TD_SIMD_EXP8
 #define TD_SIMD_TARGET TD_AVX2_TARGET
 #define TD_SIMD_NAME row_pass_avx2
+#define TD_SIMD_TOPK_NAME topk_block_avx2
 #define TD_SIMD_EXP8 exp8_nonpositive_avx2
 #include "row_pass_simd.inc"
 #undef TD_SIMD_TARGET
 #undef TD_SIMD_NAME
+#undef TD_SIMD_TOPK_NAME
 #undef TD_SIMD_EXP8
 #endif
 
