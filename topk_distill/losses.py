@@ -312,7 +312,7 @@ def student_topk(logits: Tensor, k: int, *, temperature: float = 1.0, tp_group=N
                   False)
     with torch.no_grad():
         row_max, sums, _, top_v, top_i = _shard_stats(rows, no_ids, None, cfg)
-        log_sum = torch.log((sums[:, 0] + sums[:, 1]).double())
+        log_sum = torch.log(sums[:, 0].double() + sums[:, 1].double())  # as the epilogue
         top_lp = _topk_logprobs(top_v, row_max, log_sum, cfg.inv_temperature)
     return top_i.view(*lead, k), top_lp.view(*lead, k)
 

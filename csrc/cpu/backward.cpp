@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <vector>
 #include <new>
 #include <mutex>
@@ -40,13 +41,15 @@ struct SparseEntry {
   int64_t count;  // valid teacher entries with this column (duplicates > 1; 0: the label only)
 };
 
-// out[v] = exp(t_v) * (a + b * t_v),  t_v = (z[v] * inv_t - shift_max) - shift_log = log q_v
+// out[v] = a q_v + b q_v log q_v,  q_v = exp(t_v),  t_v = (z[v] * inv_t - shift_max) - shift_log
 template <typename scalar_t, typename acc_t>
 void dense_row_scalar(const scalar_t* z, scalar_t* out, int64_t V, acc_t inv_t, acc_t shift_max,
                       acc_t shift_log, acc_t a, acc_t b) {
   for (int64_t j = 0; j < V; ++j) {
     const acc_t t = (static_cast<acc_t>(z[j]) * inv_t - shift_max) - shift_log;
-    out[j] = static_cast<scalar_t>(std::exp(t) * (a + b * t));
+    const acc_t q = std::exp(t);
+    // q log q = 0 (not 0 * -inf) at a -inf logit: t floored at the lowest finite value first
+    out[j] = static_cast<scalar_t>(a * q + b * (q * std::max(t, -std::numeric_limits<acc_t>::max())));
   }
 }
 
@@ -241,8 +244,9 @@ void backward_kernel(const at::Tensor& logits, const RowLayout& in_layout, const
         const double q = std::exp(t);
         // outside term: +q on a non-teacher column, -(m - 1) q on a column with m copies
         const double outside_part = e.count == 0 ? outside : -static_cast<double>(e.count - 1) * outside;
+        const double q_log_q = q > 0.0 ? q * t : 0.0;  // 0 log 0 = 0 at a -inf logit
         o[e.col] = static_cast<scalar_t>(
-            inv_temperature * (e.direct - q * coef_total + q * outside_part - gh * q * t));
+            inv_temperature * (e.direct - q * coef_total + q * outside_part - gh * q_log_q));
       }
     }
   });

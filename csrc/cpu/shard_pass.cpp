@@ -197,8 +197,8 @@ RowPassOut row_pass_scalar(const scalar_t* z, int64_t V, acc_t inv_t, const uint
       const acc_t t = static_cast<acc_t>(z[j]) * inv_t - m;
       const acc_t e = std::exp(t);
       if constexpr (kEntropy) {
-        block_all += e;
-        block_ent += e * t;
+        block_all += e;  // (e * t at t = -inf, a logit of -inf, is 0, not NaN: t floored)
+        block_ent += e * std::max(t, -std::numeric_limits<acc_t>::max());
       }
       if (!is_teacher(bitmap, j)) block_rest += e;
     }
