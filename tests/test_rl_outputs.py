@@ -394,3 +394,34 @@ def test_mixture_errors_name_the_argument(kw, exc, msg):
                                                            ids, lp, **kw)):
         with pytest.raises(exc, match="^" + re.escape(msg)):
             call()
+
+
+# ----------------------------------------------------------------------------- -inf logits
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_logit_of_minus_inf_is_a_column_of_probability_zero(device):
+    """DECISIONS 15 and 19: a logit of -inf is valid - probability 0, its column contributes
+    exactly 0 to the entropy and gets a gradient of exactly 0, never NaN - in the loss, the
+    label log-probs and the entropy alike. (-inf columns here are never teacher ids or labels.)"""
+    z, ids, lp, labels, mask = rl_batch(device, seed=15)
+    z[10] = 0.0  # (no NaN row here)
+    lp[4, -1] = -30.0
+
+    def free(r):  # columns of row r that are neither teacher ids nor its label
+        return [c for c in range(V) if not (ids[r] == c).any() and labels[r] != c]
+
+    cols = {0: free(0)[:2], 2: free(2)[-1:], 6: free(6)[20:60], 11: free(11)[-1:]}
+    for r, cs in cols.items():
+        z[r, cs] = -math.inf
+    for dt, (loss, support) in itertools.product(
+            dtypes_of(device) + [torch.bfloat16], [("fkl", "topk"), ("jsd", "renorm"),
+                                                   ("tvd", "tail"), ("rkl", "topk")]):
+        what = f"{dt} {loss}/{support}"
+        kw = dict(loss=loss, support=support, labels=labels, mask=mask, return_entropy=True,
+                  temperature=1.3, reduction="none")
+        for grad_of in GRADS:
+            got, exp = both(z.to(dt), ids, lp, grad_of=grad_of, **kw)
+            assert torch.isfinite(got.out.entropy).all(), what
+            for r, cs in cols.items():
+                assert (got.grad[r, cs] == 0).all(), (what, grad_of, r, got.grad[r, cs])
+            compare(got, exp, dt, f"{what} {grad_of}")
