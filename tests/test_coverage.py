@@ -176,15 +176,17 @@ def test_uncovered_columns_keep_the_tail_bin(device):
         assert math.isclose(out.loss[0].item(), 0.5 * (p - q).abs().sum().item(), rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["kernels", "oracle"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_student_tail_of_exactly_zero(device):
+def test_a_student_tail_of_exactly_zero(device, impl):
     """DECISIONS 25 and 15: row 7 of uncovered_batch leaves column 5 out of its ids and the
     student gives it probability 0 exactly (logit -inf), against a teacher tail 1 - P > 0. An
     FKL-type tail bin is +inf with an all-NaN gradient row. The other losses are finite: their
     tail bin adds a constant (TVD 0.5 p_tail, JSD beta p_tail log(1/beta), SKL p_tail log(1/skew);
     RKL and SRKL 0), so the loss is the covered row over columns 0-4 plus that constant, and the
     gradient is that row's, with exactly 0 at the -inf column (DECISIONS 15: a -inf logit is a
-    column of probability 0 and gets gradient 0)."""
+    column of probability 0 and gets gradient 0). The float64 oracle must satisfy the same."""
+    fn = td.topk_distill_loss if impl == "kernels" else ref
     z, ids, lp = uncovered_batch(device)
     z7, ids7, lp7 = z[7:], ids[7:], lp[7:]
     cov_z, cov_ids, cov_lp = z7[:, :5], ids7[:, :5], lp7[:, :5]  # covered: no tail bin
@@ -198,14 +200,15 @@ def test_a_student_tail_of_exactly_zero(device):
     for dt, (loss, params, tail_term) in itertools.product(logits_dtypes(device), cases):
         what = f"{dt} {loss} {params}"
         kw = dict(loss=loss, support="tail", reduction="none", **params)
-        got = run(td.topk_distill_loss, z7.to(dt), ids7, lp7, **kw)
+        x = z7.to(dt) if impl == "kernels" else z7.to(dt).double()
+        got = run(fn, x, ids7, lp7, **kw)
         if tail_term == INF:
             assert got.out.loss.item() == INF and torch.isnan(got.grad).all(), what
             continue
         covered = run(ref, cov_z.to(dt).double(), cov_ids, cov_lp, **kw)
         assert_close(got.out.loss, covered.out.loss + tail_term, F64 if dt == F64 else F32, what)
         assert got.grad[0, 5].item() == 0, (what, got.grad)
-        assert_close_rowwise(got.grad[:, :5], covered.grad, dt, what)
+        assert_close_rowwise(got.grad[:, :5], covered.grad, x.dtype, what)
 
 
 @pytest.mark.parametrize("device", DEVICES)
