@@ -1,0 +1,186 @@
+"""SPEC 9 under tensor parallelism with real processes (gloo): ONE launch of 4 processes holds TP
+groups of size 2 (ranks 0-1 and 2-3), 3 (ranks 1-3) and 4 (the world) - tests/test_tp.py's
+groups - and every rank calls ``topk_distill_loss`` on its uneven vocab shard with labels,
+return_entropy, a loss mixture, student_topk (k > V_r on some ranks, k = V), missing teacher
+entries and a teacher that covers the vocab (K = V). Each rank's loss, masses, label_logprobs,
+entropy, top-k ids / log-probs, overlap outputs and shard gradient must equal the unsharded
+call and the float64 oracle, and every output must be bitwise the same on every rank.
+
+The launch runs once with the native backend and once with every rank on the emulated CUDA
+backend (``backend="emulated_cuda"``; tests/conftest.py switches the parent too)."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import topk_distill as td  # noqa: E402
+from topk_distill import TopKDistillOutput, ops, reference  # noqa: E402
+
+from _dist_utils import run_distributed  # noqa: E402
+from _inputs import assert_close, assert_close_rowwise  # noqa: E402
+from _v2 import equal_nan, upstream  # noqa: E402
+from test_tp import MASK, N, V, _make_groups, make_batch, tp_groups  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+ref = reference.topk_distill_loss
+F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
+WORLD = 4
+NAN = math.nan
+
+# Uneven splits of V = 37 (group-local rank order) and explicit vocab_start where given.
+SPLITS = {
+    2: [dict(widths=(20, 17)), dict(widths=(36, 1), starts=(1, 0))],
+    3: [dict(widths=(13, 17, 7)), dict(widths=(2, 30, 5), starts=(35, 0, 30))],
+    4: [dict(widths=(1, 1, 1, 34), starts=(36, 0, 1, 2)), dict(widths=(10, 10, 10, 7))],
+}
+assert set(SPLITS) == set(tp_groups(WORLD))
+
+# Each config: the call's keywords (labels / mask / the teacher variant filled in per case).
+CONFIGS = [
+    dict(loss=[("fkl", "topk", 0.9), ("rkl", "renorm", 0.1)], student_topk=5, temperature=1.3,
+         mask=True),
+    dict(loss=[("jsd", "tail", 0.6, 0.3), ("tvd", "topk", 0.4)], student_topk=V,
+         log_prob_min_clamp=-3.0, missing_teacher="drop", teacher="missing"),
+    dict(loss=[("srkl", "tail", 1.0, 0.5, 0.1, 0.2), ("fkl+rkl", "renorm", -0.3, 0.5, 0.4)],
+         student_topk=7, missing_teacher="floor", log_prob_min_clamp=-6.0, teacher="missing",
+         logits="ties", mask=True, t2_scale=True, temperature=0.7),
+    dict(loss=[("fkl", "tail", 0.5), ("jsd", "tail", 0.5, 0.0), ("tvd", "topk", 1.0)],
+         student_topk=3, teacher="covering"),
+]
+CASES = [(size, si, ci, dt) for size in SPLITS for si in range(len(SPLITS[size]))
+         for ci in range(len(CONFIGS)) for dt in ("float32", "float64", "bfloat16")
+         if (dt == "float32" or (dt == "float64" and ci in (0, 3) and si == 0)
+             or (dt == "bfloat16" and ci == 2 and si == 0))]
+
+
+def _starts(split):
+    w = split["widths"]
+    return split.get("starts") or tuple(sum(w[:r]) for r in range(len(w)))
+
+
+def case_inputs(size, si, ci, dtype_name):
+    """(full logits [N, V] in the case's dtype, ids, lp, call keywords without tp_group)."""
+    split = SPLITS[size][si]
+    widths, starts = split["widths"], _starts(split)
+    cfg = dict(CONFIGS[ci])
+    z, ids, lp = make_batch(widths, starts, seed=100 + 10 * size + si)
+    g = torch.Generator().manual_seed(200 + ci)
+    if cfg.pop("logits", None) == "ties":  # bf16-friendly values: many equal logits
+        z = torch.randint(-8, 8, (N, V), generator=g).to(F64) / 4
+    teacher = cfg.pop("teacher", None)
+    if teacher == "missing":
+        lp = lp.clone()
+        lp[0, 0] = lp[6, 1] = lp[7, 2] = NAN  # (row 0: id 0, the first shard's column 0)
+        lp[8, :] = torch.where(ids[8] >= 0, NAN, lp[8])
+    elif teacher == "covering":  # K = V: rows 0-7 permutations (covered), 8 padding, 9 a dup
+        teach = torch.log_softmax(torch.randn(N, V, generator=g, dtype=F64) * 2, -1)
+        ids = torch.stack([torch.randperm(V, generator=g) for _ in range(N)])
+        ids[8, 5] = -1
+        ids[9, 5] = ids[9, 6]
+        lp = teach.gather(-1, ids.clamp_min(0)).float().double()  # fp32-rounded log-probs
+        lp = torch.where(ids >= 0, lp, 0.0)
+    labels = torch.tensor([0, V - 1, -1, starts[-1], 5, starts[0] + widths[0] - 1, 3, -100,
+                           11, 20])
+    kw = dict(cfg, labels=labels, return_entropy=True, reduction="none",
+              mask=MASK if cfg.get("mask") else None)
+    return z.to(getattr(torch, dtype_name)), ids, lp, kw
+
+
+def call(fn, x, ids, lp, kw, **extra):
+    """Every output of one call (detached, CPU) and the gradient w.r.t. x of
+    sum_o <upstream_o, o> over loss, label_logprobs and entropy."""
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x, ids, lp, **kw, **extra)
+    total = sum((t * upstream(t, salt)).sum() for salt, t in
+                enumerate((out.loss, out.label_logprobs, out.entropy)))
+    (grad,) = torch.autograd.grad(total, x)
+    return TopKDistillOutput(*(None if t is None else t.detach().cpu() for t in out)), grad.cpu()
+
+
+def _values(groups):
+    results = {}
+    for size, (group, _members) in sorted(groups.items()):
+        grank = dist.get_rank(group)
+        for case in CASES:
+            if case[0] != size:
+                continue
+            _, si, ci, dtype_name = case
+            split = SPLITS[size][si]
+            lo, w = _starts(split)[grank], split["widths"][grank]
+            z, ids, lp, kw = case_inputs(*case)
+            results[case] = call(td.topk_distill_loss, z[:, lo:lo + w], ids, lp, kw,
+                                 tp_group=group, vocab_start=lo if "starts" in split else None)
+    return results
+
+
+def _worker(rank, world, backend):
+    if backend == "emulated_cuda":
+        ops.set_backend("emulated_cuda")
+    return _values(_make_groups(rank, world))
+
+
+_LAUNCHES = {}
+
+
+def launch(backend):
+    if backend not in _LAUNCHES:
+        try:
+            _LAUNCHES[backend] = run_distributed(_worker, WORLD, args=(backend,), timeout_s=180.0,
+                                                 deadline_s=600.0)
+        except BaseException as err:  # noqa: BLE001 - remembered, re-raised by every user
+            _LAUNCHES[backend] = err
+    if isinstance(_LAUNCHES[backend], BaseException):
+        raise _LAUNCHES[backend]
+    return _LAUNCHES[backend]
+
+
+INT_FIELDS = ("student_topk_ids", "overlap_count")
+VALUE_FIELDS = ("loss", "label_logprobs", "entropy")
+
+
+@pytest.mark.parametrize("backend", ["native", "emulated_cuda"])
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_new_outputs_under_tp_match_unsharded_and_oracle(size, backend):
+    results = launch(backend)
+    checked = 0
+    for case in CASES:
+        if case[0] != size:
+            continue
+        _, si, ci, dtype_name = case
+        split = SPLITS[size][si]
+        dtype = getattr(torch, dtype_name)
+        z, ids, lp, kw = case_inputs(*case)
+        unsharded = call(td.topk_distill_loss, z, ids, lp, kw)
+        oracle = call(ref, z.double(), ids, lp, kw)
+        value_dtype = F64 if dtype == F64 else F32
+        for members in tp_groups(WORLD)[size]:
+            first = results[members[0]][case]
+            for grank, rank in enumerate(members):
+                out, grad = results[rank][case]
+                lo, w = _starts(split)[grank], split["widths"][grank]
+                what = f"TP{size} {split} rank {rank} config {ci} {dtype_name}"
+                for name in TopKDistillOutput._fields:
+                    a = getattr(out, name)
+                    # replicated: bitwise the same on every rank of the group
+                    assert equal_nan(a, getattr(first[0], name)), f"{what} {name} differs by rank"
+                    for label, want in (("unsharded", unsharded), ("oracle", oracle)):
+                        b = getattr(want[0], name)
+                        if name in INT_FIELDS:
+                            assert torch.equal(a, b), f"{what} {name} vs {label}:\n{a}\n{b}"
+                        else:
+                            dt = value_dtype if name in VALUE_FIELDS else F32
+                            assert_close(a, b, dt, f"{what} {name} vs {label}")
+                for label, want in (("unsharded", unsharded), ("oracle", oracle)):
+                    assert_close_rowwise(grad, want[1][:, lo:lo + w], dtype,
+                                         f"{what} grad vs {label}")
+                checked += 1
+    assert checked == sum(c[0] == size for c in CASES) * size * len(tp_groups(WORLD)[size])
