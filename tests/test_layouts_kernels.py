@@ -294,7 +294,8 @@ def _big_allocations(fn, nbytes):
     return [e.name for e in prof.events() if e.cpu_memory_usage and e.cpu_memory_usage >= nbytes // 2]
 
 
-def test_forward_allocates_nothing_of_size_n_by_v_for_sliced_and_jagged_logits():
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cuda"])  # host memory
+def test_forward_allocates_nothing_of_size_n_by_v_for_sliced_and_jagged_logits(device):
     v = 4096
     z, ids, lp = teacher_batch(4 * 32, v, 8, seed=8, special_rows=False)
     kw = dict(labels=ids[:, 0], return_entropy=True, student_topk=8, check_inputs=False,

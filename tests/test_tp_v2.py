@@ -4,7 +4,9 @@ groups - and every rank calls ``topk_distill_loss`` on its uneven vocab shard wi
 return_entropy, a loss mixture, student_topk (k > V_r on some ranks, k = V), missing teacher
 entries and a teacher that covers the vocab (K = V). Each rank's loss, masses, label_logprobs,
 entropy, top-k ids / log-probs, overlap outputs and shard gradient must equal the unsharded
-call and the float64 oracle, and every output must be bitwise the same on every rank.
+call and the float64 oracle, and every output must be bitwise the same on every rank. The
+same launch runs ``fused_linear_topk_distill_loss`` with each rank holding its weight / bias
+shard (labels, entropy, a mixture, student_topk, missing entries, chunks).
 
 The launch runs once with the native backend and once with every rank on the emulated CUDA
 backend (``backend="emulated_cuda"``; tests/conftest.py switches the parent too)."""
@@ -122,10 +124,68 @@ def _values(groups):
     return results
 
 
+# ----------------------------------------------------------------------------- fused linear
+
+H = 12
+FUSED_KW = dict(loss=[("fkl", "topk", 0.9), ("rkl", "renorm", 0.1)], return_entropy=True,
+                student_topk=5, missing_teacher="drop", temperature=1.2, chunk_size=4,
+                reduction="mean")
+FUSED_CASES = [(size, 0, dt) for size in SPLITS for dt in ("float32", "float64")]
+
+
+def fused_inputs(size, si, dtype_name):
+    """hidden [N, H], weight [V, H], bias [V] in the case's dtype; ids / lp with shard-edge ids
+    and two missing entries; call keywords (labels, mask)."""
+    split = SPLITS[size][si]
+    z, ids, lp = make_batch(split["widths"], _starts(split), seed=300 + size)
+    g = torch.Generator().manual_seed(400 + size)
+    dt = getattr(torch, dtype_name)
+    hidden = torch.randn(N, H, generator=g, dtype=F64).to(dt)
+    weight = (torch.randn(V, H, generator=g, dtype=F64) * 0.5).to(dt)
+    bias = (torch.randn(V, generator=g, dtype=F64) * 0.3).to(dt)
+    lp = lp.clone()
+    lp[1, 0] = lp[6, 3] = NAN
+    labels = torch.tensor([0, V - 1, -1, 7, 5, 19, 3, -100, 11, 20])
+    return hidden, weight, bias, ids, lp, dict(FUSED_KW, labels=labels, mask=MASK)
+
+
+def fused_call(fn, hidden, weight, bias, ids, lp, kw, unfused=False, **extra):
+    """Outputs and the gradients (hidden, weight, bias) of sum_o <upstream_o, o>."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    if unfused:
+        kw = {k: v for k, v in kw.items() if k != "chunk_size"}
+        out = fn(leaves[0] @ leaves[1].T + leaves[2], ids, lp, **kw, **extra)
+    else:
+        out = fn(leaves[0], leaves[1], ids, lp, bias=leaves[2], **kw, **extra)
+    total = sum((t * upstream(t, salt)).sum() for salt, t in
+                enumerate((out.loss, out.label_logprobs, out.entropy)))
+    grads = torch.autograd.grad(total, leaves)
+    return TopKDistillOutput(*(None if t is None else t.detach().cpu() for t in out)), \
+        [g.cpu() for g in grads]
+
+
+def _fused_values(groups):
+    results = {}
+    for size, (group, _members) in sorted(groups.items()):
+        grank = dist.get_rank(group)
+        for case in FUSED_CASES:
+            if case[0] != size:
+                continue
+            split = SPLITS[size][case[1]]
+            lo, w = _starts(split)[grank], split["widths"][grank]
+            hidden, weight, bias, ids, lp, kw = fused_inputs(*case)
+            results[case] = fused_call(td.fused_linear_topk_distill_loss, hidden,
+                                       weight[lo:lo + w], bias[lo:lo + w], ids, lp, kw,
+                                       tp_group=group,
+                                       vocab_start=lo if "starts" in split else None)
+    return results
+
+
 def _worker(rank, world, backend):
     if backend == "emulated_cuda":
         ops.set_backend("emulated_cuda")
-    return _values(_make_groups(rank, world))
+    groups = _make_groups(rank, world)
+    return {"values": _values(groups), "fused": _fused_values(groups)}
 
 
 _LAUNCHES = {}
@@ -163,9 +223,9 @@ def test_new_outputs_under_tp_match_unsharded_and_oracle(size, backend):
         oracle = call(ref, z.double(), ids, lp, kw)
         value_dtype = F64 if dtype == F64 else F32
         for members in tp_groups(WORLD)[size]:
-            first = results[members[0]][case]
+            first = results[members[0]]["values"][case]
             for grank, rank in enumerate(members):
-                out, grad = results[rank][case]
+                out, grad = results[rank]["values"][case]
                 lo, w = _starts(split)[grank], split["widths"][grank]
                 what = f"TP{size} {split} rank {rank} config {ci} {dtype_name}"
                 for name in TopKDistillOutput._fields:
@@ -184,3 +244,48 @@ def test_new_outputs_under_tp_match_unsharded_and_oracle(size, backend):
                                          f"{what} grad vs {label}")
                 checked += 1
     assert checked == sum(c[0] == size for c in CASES) * size * len(tp_groups(WORLD)[size])
+
+
+@pytest.mark.parametrize("backend", ["native", "emulated_cuda"])
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_fused_linear_under_tp_matches_unsharded_and_oracle(size, backend):
+    """Each rank holds its weight / bias shard: outputs replicated and equal to the unsharded
+    fused call and the oracle on hidden @ W.T + b; the weight / bias gradients are the shard's
+    slice; the hidden gradient is this rank's partial one (their sum over the group is the
+    full one, as for Megatron's ColumnParallelLinear)."""
+    results = launch(backend)
+    for case in FUSED_CASES:
+        if case[0] != size:
+            continue
+        _, si, dtype_name = case
+        split = SPLITS[size][si]
+        dtype = getattr(torch, dtype_name)
+        hidden, weight, bias, ids, lp, kw = fused_inputs(*case)
+        unsharded = fused_call(td.fused_linear_topk_distill_loss, hidden, weight, bias, ids, lp,
+                               kw)
+        oracle = fused_call(ref, hidden.double(), weight.double(), bias.double(), ids, lp, kw,
+                            unfused=True)
+        value_dtype = F64 if dtype == F64 else F32
+        for members in tp_groups(WORLD)[size]:
+            first = results[members[0]]["fused"][case]
+            hidden_grad_sum = 0
+            for grank, rank in enumerate(members):
+                out, (gh, gw, gb) = results[rank]["fused"][case]
+                lo, w = _starts(split)[grank], split["widths"][grank]
+                what = f"fused TP{size} {split} rank {rank} {dtype_name}"
+                for name in TopKDistillOutput._fields:
+                    a = getattr(out, name)
+                    assert equal_nan(a, getattr(first[0], name)), f"{what} {name} differs by rank"
+                    for label, want in (("unsharded", unsharded), ("oracle", oracle)):
+                        b = getattr(want[0], name)
+                        if name in INT_FIELDS:
+                            assert torch.equal(a, b), f"{what} {name} vs {label}"
+                        else:
+                            dt = value_dtype if name in VALUE_FIELDS else F32
+                            assert_close(a, b, dt, f"{what} {name} vs {label}")
+                for label, want in (("unsharded", unsharded), ("oracle", oracle)):
+                    assert_close(gw, want[1][1][lo:lo + w], dtype, f"{what} grad_weight {label}")
+                    assert_close(gb, want[1][2][lo:lo + w], dtype, f"{what} grad_bias {label}")
+                hidden_grad_sum = hidden_grad_sum + gh.double()
+            for label, want in (("unsharded", unsharded), ("oracle", oracle)):
+                assert_close(hidden_grad_sum, want[1][0], dtype, f"fused TP{size} grad_hidden sum")
