@@ -130,8 +130,8 @@ def _in_sentinel_storage(z):
     whose other elements are NaN sentinels; ``big`` comes from a leaf with requires_grad."""
     n, v = z.shape
     base = torch.full((n + 2, v + 8), 0, dtype=torch.int32).fill_(SENTINEL_BITS).view(F32)
-    base[1:-1, 4:4 + v] = z.float()
-    leaf = base.clone().requires_grad_(True)
+    base[1:-1, 4:4 + v] = z.float().cpu()
+    leaf = base.to(z.device).requires_grad_(True)
     big = leaf * 1.0  # non-leaf, as an LM head's output
     return big, big[1:-1, 4:4 + v]
 
@@ -139,13 +139,11 @@ def _in_sentinel_storage(z):
 def _outside(big, v):
     keep = torch.ones(big.shape, dtype=torch.bool)
     keep[1:-1, 4:4 + v] = False
-    return big.detach().view(torch.int32)[keep].clone()
+    return big.detach().cpu().view(torch.int32)[keep].clone()
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_labels_out_of_range(device):
-    if device == "cuda":
-        pytest.skip("the sentinel storage check runs on host memory (cpu / cuda_emu)")
     z, ids, lp, labels, mask = rl_batch(device, seed=6)
     bad_rows = [4, 5, 9]
     bad = labels.clone()
@@ -194,6 +192,45 @@ def test_labels_out_of_range(device):
     assert_close(g, gr, F32, "zero upstream on bad rows")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_bad_teacher_id_poisons_only_the_loss(device):
+    """DECISIONS 18: each output poisons only its own gradient contribution - a teacher id >= V
+    (check_inputs=False) makes the row's loss NaN, its label_logprobs and entropy stay finite."""
+    z, ids, lp, labels, mask = rl_batch(device, seed=16)
+    ids[5, 2] = V + 4
+    kw = dict(labels=labels, mask=mask, return_entropy=True, check_inputs=False,
+              reduction="none", loss="jsd", support="tail")
+    with pytest.raises(ValueError, match="^teacher_ids has an id >= the vocab size"):
+        td.topk_distill_loss(z.float(), ids, lp, **{**kw, "check_inputs": True})
+    for grad_of in GRADS:
+        got, exp = both(z.float(), ids, lp, grad_of=grad_of, **kw)
+        compare(got, exp, F32, f"{grad_of}")
+        assert torch.isnan(got.out.loss[5]) and torch.isfinite(got.out.student_mass[5])
+        assert torch.isfinite(got.out.label_logprobs[5]) and torch.isfinite(got.out.entropy[5])
+        assert torch.isnan(got.grad[5]).all() == ("loss" in grad_of), grad_of
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_and_all_masked_batches(device):
+    """SPEC 7: no rows, or every row masked: loss 0 (not NaN), zero gradient, every per-token
+    output empty or 0."""
+    z, ids, lp, labels, mask = rl_batch(device, seed=17)
+    z = z.float()
+    kw = dict(labels=labels, return_entropy=True, student_topk=3,
+              loss=[("fkl", "topk", 0.5), ("rkl", "tail", 0.5)])
+    for reduction in ("mean", "sum"):
+        none = run(td.topk_distill_loss, z, ids, lp, mask=torch.zeros_like(mask),
+                   reduction=reduction, **kw)
+        assert none.out.loss.item() == 0 and (none.grad == 0).all()
+        for name in ("label_logprobs", "entropy", "overlap_count", "overlap_token_advantage",
+                     "student_mass", "teacher_mass"):
+            assert (getattr(none.out, name) == 0).all(), name
+        empty = run(td.topk_distill_loss, z[:0], ids[:0], lp[:0], reduction=reduction,
+                    **{**kw, "labels": labels[:0]})
+        assert empty.out.loss.item() == 0 and empty.grad.shape == (0, V)
+        assert empty.out.student_topk_ids.shape == (0, 3) and empty.out.entropy.shape == (0,)
+
+
 # ----------------------------------------------------------------------------- gradcheck, checks
 
 @pytest.mark.parametrize("cfg", [
@@ -239,25 +276,32 @@ def test_torch_compile_fullgraph_inductor_with_labels_and_entropy(device):
     lp[4, -1] = -30.0  # no -inf here: the renormalised RKL stays finite
     z = z.float()
 
+    lp[6, 2] = math.nan  # a missing teacher entry, dropped
+
     def step(x, ids, lp, labels, mask):
         out = td.topk_distill_loss(x, ids, lp, labels=labels, mask=mask, return_entropy=True,
                                    loss=[("fkl", "topk", 0.9), ("rkl", "renorm", 0.1)],
-                                   temperature=1.3, check_inputs=False)
-        return out.loss, out.label_logprobs, out.entropy
+                                   temperature=1.3, check_inputs=False, student_topk=4,
+                                   missing_teacher="drop")
+        return (out.loss, out.label_logprobs, out.entropy, out.student_topk_ids,
+                out.student_topk_logprobs, out.overlap_count, out.overlap_token_advantage)
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
     results = []
     for fn in (compiled, step):
         x = z.clone().requires_grad_(True)
-        loss, lab, ent = fn(x, ids, lp, labels, mask)
+        loss, lab, ent, *topk = fn(x, ids, lp, labels, mask)
         total = 1.3 * loss + (lab * upstream(lab, 1)).sum() + (ent * upstream(ent, 2)).sum()
         (g,) = torch.autograd.grad(total, x)
-        results.append((loss.detach(), lab.detach(), ent.detach(), g))
+        results.append((loss.detach(), lab.detach(), ent.detach(), *topk, g))
     torch._dynamo.reset()
-    for name, a, b in zip(("loss", "label_logprobs", "entropy", "grad"), *results):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
-    assert torch.isfinite(results[0][0]) and (results[0][3][MASKED] == 0).all()
+    names = ("loss", "label_logprobs", "entropy", "student_topk_ids", "student_topk_logprobs",
+             "overlap_count", "overlap_token_advantage", "grad")
+    for name, a, b in zip(names, *results):  # (row 10: NaN logits, masked)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True,
+                                   msg=lambda m: f"{name}: {m}")
+    assert torch.isfinite(results[0][0]) and (results[0][-1][MASKED] == 0).all()
 
 
 # ----------------------------------------------------------------------------- mixtures
