@@ -181,11 +181,49 @@ def _fused_values(groups):
     return results
 
 
+# ----------------------------------------------------------------------------- student_topk
+
+TOPK_KS = (1, 6, V)
+
+
+def _topk_values(groups):
+    """td.student_topk on every rank's shard (k > V_r on the narrow ranks, k = V), every split
+    and dtype of the main cases; and k = V + 1, which every rank must refuse."""
+    results = {}
+    for size, (group, _members) in sorted(groups.items()):
+        grank = dist.get_rank(group)
+        for case in CASES:
+            if case[0] != size or case[2] not in (0, 2):
+                continue
+            split = SPLITS[size][case[1]]
+            lo, w = _starts(split)[grank], split["widths"][grank]
+            z, _, _, kw = case_inputs(*case)
+            for k in TOPK_KS:
+                ids, lps = td.student_topk(z[:, lo:lo + w], k, tp_group=group,
+                                           temperature=kw.get("temperature", 1.0),
+                                           vocab_start=lo if "starts" in split else None)
+                results[case + (k,)] = (ids.cpu(), lps.cpu())
+        errors = []
+        x = torch.zeros(N, SPLITS[size][0]["widths"][grank])
+        for fn in (lambda: td.student_topk(x, V + 1, tp_group=group),
+                   lambda: td.topk_distill_loss(x, torch.zeros(N, 2, dtype=torch.long),
+                                                torch.full((N, 2), -1.0), tp_group=group,
+                                                student_topk=V + 1)):
+            try:
+                fn()
+                errors.append(None)
+            except ValueError as err:
+                errors.append(str(err))
+        results[("errors", size)] = errors
+    return results
+
+
 def _worker(rank, world, backend):
     if backend == "emulated_cuda":
         ops.set_backend("emulated_cuda")
     groups = _make_groups(rank, world)
-    return {"values": _values(groups), "fused": _fused_values(groups)}
+    return {"values": _values(groups), "fused": _fused_values(groups),
+            "topk": _topk_values(groups)}
 
 
 _LAUNCHES = {}
@@ -289,3 +327,39 @@ def test_fused_linear_under_tp_matches_unsharded_and_oracle(size, backend):
                 hidden_grad_sum = hidden_grad_sum + gh.double()
             for label, want in (("unsharded", unsharded), ("oracle", oracle)):
                 assert_close(hidden_grad_sum, want[1][0], dtype, f"fused TP{size} grad_hidden sum")
+
+
+@pytest.mark.parametrize("backend", ["native", "emulated_cuda"])
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_student_topk_under_tp_is_the_unsharded_one_on_every_rank(size, backend):
+    """SPEC 9.4: td.student_topk with a tp_group - ids equal to the unsharded call and the
+    oracle (ties by the lower id across shards: the bf16 case has many), log-probs close, the
+    same tensors on every rank; k > V_r is fine, k > V a ValueError naming k on every rank."""
+    results = launch(backend)
+    checked = 0
+    for case in CASES:
+        if case[0] != size or case[2] not in (0, 2):
+            continue
+        z, _, _, kw = case_inputs(*case)
+        temperature = kw.get("temperature", 1.0)
+        for k in TOPK_KS:
+            want_ids, want_lps = td.student_topk(z, k, temperature=temperature)
+            ref_ids, ref_lps = reference.student_topk(z.double(), k, temperature=temperature)
+            for members in tp_groups(WORLD)[size]:
+                first = results[members[0]]["topk"][case + (k,)]
+                for rank in members:
+                    ids, lps = results[rank]["topk"][case + (k,)]
+                    what = f"TP{size} {case} k={k} rank {rank}"
+                    assert torch.equal(ids, first[0]) and torch.equal(lps, first[1]), what
+                    assert torch.equal(ids, want_ids) and torch.equal(ids, ref_ids), what
+                    assert_close(lps, want_lps, F32, what)
+                    assert_close(lps, ref_lps, F32, what)
+                    checked += 1
+    assert checked > 0
+    for members in tp_groups(WORLD)[size]:
+        for rank in members:
+            topk_err, loss_err = results[rank]["topk"][("errors", size)]
+            assert topk_err is not None and topk_err.startswith(
+                f"k must be <= the vocab size V={V}"), (rank, topk_err)
+            assert loss_err is not None and loss_err.startswith(
+                f"student_topk must be <= the vocab size V={V}"), (rank, loss_err)
