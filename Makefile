@@ -21,6 +21,10 @@
 # installs (unpinned) only those missing from that environment. PYTHON may also come from the
 # environment (export PYTHON=...).
 #
+# requirements-nodeps.txt (verl) is installed with `pip install --no-deps` in both modes (pinned;
+# in the PYTHON=... mode only when missing): the tests import a few of its modules, with
+# test-only stand-ins for its heavy dependencies (tests/_verl_standins.py).
+#
 # Variables (also read from the environment):
 #   TOPK_DISTILL_CUDA=auto|0|1  build the CUDA kernels: auto = when torch has CUDA and nvcc is
 #                               found (no GPU needed); 1 = required; 0 = CPU only (setup.py)
@@ -84,7 +88,7 @@ help:
 setup: $(DEPS_STAMP)
 
 ifeq ($(EXTERNAL_PYTHON),)
-$(DEPS_STAMP): requirements-dev.txt
+$(DEPS_STAMP): requirements-dev.txt requirements-nodeps.txt
 	@if [ ! -x "$(PYTHON)" ]; then \
 	  PY=$$(command -v python3.11 || command -v python3); \
 	  [ -n "$$PY" ] || { echo "make setup: neither python3.11 nor python3 found" >&2; exit 1; }; \
@@ -93,23 +97,36 @@ $(DEPS_STAMP): requirements-dev.txt
 	fi
 	@echo "== installing requirements-dev.txt into $(VENV) (a few minutes the first time: torch is ~5 GB)"
 	$(PYTHON) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+	$(PYTHON) -m pip install --disable-pip-version-check -q --no-deps -r requirements-nodeps.txt
 	@touch $@
 else
-$(DEPS_STAMP): requirements-dev.txt
+$(DEPS_STAMP): requirements-dev.txt requirements-nodeps.txt
 	@mkdir -p $(BUILD_DIR)
 	@$(PYTHON) -c "import torch" 2>/dev/null || { echo "make: PYTHON=$(PYTHON) has no torch; install torch there first" >&2; exit 1; }
-	@missing=$$($(PYTHON) -c 'import re, importlib.metadata as md; \
-	  have = {(d.metadata["Name"] or "").lower().replace("_", "-") for d in md.distributions()}; \
-	  names = [re.split(r"[=<>!~; \[]", l.strip())[0] for l in open("requirements-dev.txt")]; \
-	  print(" ".join(n for n in names if n and n[0] != "#" and n.lower() != "torch" and n.lower() not in have))'); \
+	@missing=$$($(PYTHON) -c '$(MISSING_PY)' requirements-dev.txt name); \
+	nodeps=$$($(PYTHON) -c '$(MISSING_PY)' requirements-nodeps.txt line); \
 	if [ -n "$$missing" ]; then \
 	  echo "== installing into $(PYTHON): $$missing"; \
-	  $(PYTHON) -m pip install --disable-pip-version-check -q $$missing; \
-	else \
+	  $(PYTHON) -m pip install --disable-pip-version-check -q $$missing || exit 1; \
+	fi; \
+	if [ -n "$$nodeps" ]; then \
+	  echo "== installing into $(PYTHON) without dependencies: $$nodeps"; \
+	  $(PYTHON) -m pip install --disable-pip-version-check -q --no-deps $$nodeps || exit 1; \
+	fi; \
+	if [ -z "$$missing$$nodeps" ]; then \
 	  echo "== $(PYTHON) already has the dev requirements (torch $$($(PYTHON) -c 'import torch; print(torch.__version__)'))"; \
 	fi
 	@touch $@
 endif
+
+# The requirements in file argv[1] that the PYTHON=... environment lacks (never torch): their
+# names (unpinned) when argv[2] is "name", else the whole requirement lines (pinned).
+MISSING_PY := import re, sys, importlib.metadata as md; \
+  have = {(d.metadata["Name"] or "").lower().replace("_", "-") for d in md.distributions()}; \
+  reqs = [l.strip() for l in open(sys.argv[1]) if l.strip() and not l.lstrip().startswith("\#")]; \
+  name = lambda r: re.split(r"[=<>!~; \[]", r)[0]; \
+  print(" ".join((name(r) if sys.argv[2] == "name" else r) for r in reqs \
+                 if name(r).lower() != "torch" and name(r).lower().replace("_", "-") not in have))
 
 # ---------------------------------------------------------------------------------------
 build: $(BUILD_STAMP)

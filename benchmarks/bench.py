@@ -246,20 +246,20 @@ def headline(device: torch.device, reps: int = 30, warmup: int = 3) -> Dict:
 def phase_timings(z, ids, lp, device, reps: int = 30) -> Optional[Dict[str, float]]:
     """Median ms of each kernel of our op alone (torch.ops.topk_distill.*), FKL, no TP."""
     try:
-        ops = torch.ops.topk_distill
+        from topk_distill import ops
         n, v = z.shape
-        row_max, sums, gathered = ops.shard_pass(z, ids, 0, 1.0)
-        ep = ops.epilogue(row_max, sums, gathered, ids, lp, None, v, "fkl", "topk", 0.5, 0.1, 0.1,
-                          None, 1.0)
+        terms = [("fkl", "topk", 1.0, 0.5, 0.1, 0.1)]
+        row_max, sums, gathered, _, _ = ops.shard_pass(z, ids, 0, 1.0)
+        ep = ops.epilogue(row_max, sums, gathered, ids, lp, None, v, terms, None, 1.0)
         grad_rows = torch.full((n,), 1.0 / n, dtype=row_max.dtype, device=z.device)
         fns = {
             "shard_pass": lambda: ops.shard_pass(z, ids, 0, 1.0),
-            "epilogue": lambda: ops.epilogue(row_max, sums, gathered, ids, lp, None, v, "fkl",
-                                             "topk", 0.5, 0.1, 0.1, None, 1.0),
-            "backward": lambda: ops.backward(z, ids, row_max, ep[3], ep[4], grad_rows, 0, 1.0),
+            "epilogue": lambda: ops.epilogue(row_max, sums, gathered, ids, lp, None, v, terms,
+                                             None, 1.0),
+            "backward": lambda: ops.backward(z, ids, row_max, ep[5], ep[6], grad_rows, 0, 1.0),
         }
         return common.time_interleaved(fns, reps=reps, warmup=3, device=device)
-    except Exception as e:  # the op schemas are still moving: report, do not fail the run
+    except Exception as e:  # report, do not fail the whole benchmark run
         print(f"(phase timings unavailable: {type(e).__name__}: {e})")
         return None
 

@@ -8,7 +8,7 @@ also its output), separately for the forward and the backward. The measured numb
 next to the analytic model:
 
     forward, per rank:  all_reduce(MAX) of the row max          N * 4 bytes
-                        all_reduce(SUM) of [sums(3) | gathered(K)] N * (3 + K) * 4 bytes
+                        all_reduce(SUM) of [sums(5) | gathered(K)] N * (5 + K) * 4 bytes
                         check_inputs=True: all_gather of (N, K, V_r, vocab_start, 4 data facts)  8 * 8 bytes
     backward:           nothing
 
@@ -85,7 +85,7 @@ class CommCounter(TorchDispatchMode):
 
 def analytic(n: int, k: int, world: int, check_inputs: bool, acc_bytes: int = 4) -> Dict:
     """The model: collectives and payload bytes per rank for one forward; the backward is 0."""
-    ar_max, ar_sum = n * acc_bytes, n * (3 + k) * acc_bytes
+    ar_max, ar_sum = n * acc_bytes, n * (5 + k) * acc_bytes
     check = 8 * 8 if check_inputs else 0  # N, K, V_r, vocab_start + 4 data-check facts
     wire = 2 * (world - 1) / world * (ar_max + ar_sum) + (world - 1) * check
     return dict(collectives=2 + int(check_inputs), bytes=ar_max + ar_sum + check,
@@ -266,7 +266,7 @@ def main(argv=None) -> int:
         "- measured: every `_c10d_functional` / `c10d` op dispatched during the forward and "
         "during the backward of `topk_distill_loss(..., tp_group=WORLD)` on rank 0 (all ranks "
         "make the same calls), after one warm-up call; bytes = the tensors one rank contributes",
-        "- model (per rank, forward): `all_reduce(max)` N*4 B + `all_reduce(sum)` N*(3+K)*4 B "
+        "- model (per rank, forward): `all_reduce(max)` N*4 B + `all_reduce(sum)` N*(5+K)*4 B "
         "(+ `all_gather` 8*8 B when check_inputs=True); backward: nothing. Wire bytes per rank "
         "for a ring: 2(W-1)/W * all-reduce bytes + (W-1) * 64 B",
         f"- **{verdict}**",

@@ -14,10 +14,13 @@ under ~9 minutes on one H100 / H200:
   4. sanitizer     compute-sanitizer memcheck, racecheck and synccheck on a small workload that
                    reaches every kernel and path (--sanitizer-workload: split rows, unaligned
                    rows, in place, warp and block epilogues, every dtype)
-  5. benchmark     python -m benchmarks.cuda_bench --quick
+  5. benchmark     python -m benchmarks.cuda_bench --quick, then python -m benchmarks.features
+                   --device cuda (labels / entropy / mixture / student top-k / layout costs)
   6. summary       DIR/summary.json and DIR/summary.md: each step's status, time and the numbers
 
-Logs of each step go to DIR too (at most 8 files in all: what the device tool brings back).
+Logs of each step go to DIR too - 7 files in all (the device tool brings back at most 8):
+summary.json (the benchmarks' full results inside), summary.md, environment.log, build.log,
+tests.log, sanitizer.log, benchmark.log.
 A step that fails or runs out of time is recorded, and the later steps still run where they can.
 """
 from __future__ import annotations
@@ -29,13 +32,15 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
 # (name, seconds) - the per-step limits; their sum stays under the device tool's 10-minute call.
-STEP_LIMITS = {"environment": 30, "build": 240, "tests": 150, "sanitizer": 120, "benchmark": 120}
+STEP_LIMITS = {"environment": 30, "build": 180, "tests": 120, "sanitizer": 90, "benchmark": 90,
+               "features": 60}
 
 GPU_TESTS = [
     "tests/test_cuda_kernels.py", "tests/test_losses.py", "tests/test_ops.py",
@@ -68,30 +73,37 @@ def tail(path, lines=15):
 
 
 def sanitizer_workload():
-    """Small calls that reach every CUDA kernel and path once (run under compute-sanitizer)."""
+    """Small calls that reach every CUDA kernel and path once (run under compute-sanitizer):
+    every dtype; the warp epilogue, the block epilogue (K > 256) and the split-row shard pass
+    with its combine kernel; unaligned rows, 3-D strided logits (logits[:, :-1]), duplicates,
+    padding; labels, entropy, a loss mixture and the student top-k; in place and not."""
     import torch
 
     import topk_distill as td
-    from topk_distill import ops
 
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        for n, v, k in ((7, 1003, 9), (2, 70001, 300), (5, 600, 1100)):  # warp / split / block paths
+        for n, v, k in ((7, 1003, 9), (2, 70001, 300), (5, 600, 1100)):  # warp / split / block
             z = (torch.randn(n, v + 3, generator=g) * 3).to(dtype).cuda()[:, 1:v + 1]  # unaligned
             ids = torch.randint(0, v, (n, k), generator=g)
             ids[0, 1] = ids[0, 0]  # a duplicate
             ids[-1, -1] = -1  # padding
             lp = torch.log_softmax(torch.randn(n, k, generator=g), -1)
+            labels = torch.randint(0, v, (n,), generator=g)
             for inplace in (False, True):
                 leaf = z.clone().requires_grad_(True)
                 out = td.topk_distill_loss(leaf, ids.cuda(), lp.cuda(), loss="jsd", support="tail",
-                                           log_prob_min_clamp=-9.0, inplace_backward=inplace)
-                out.loss.backward()
-    torch.cuda.synchronize()
-    # the raw ops too, including the K > 256 epilogue and the split-row combine kernel
-    z = torch.randn(3, 300001, device="cuda")
-    ids = torch.randint(0, 300001, (3, 64), device="cuda")
-    ops.shard_pass(z, ids, 0, 1.0)
+                                           log_prob_min_clamp=-9.0, inplace_backward=inplace,
+                                           labels=labels.cuda(), return_entropy=True,
+                                           student_topk=min(k, 64))
+                (out.loss + out.label_logprobs.sum() + out.entropy.sum()).backward()
+        # 3-D strided logits: response positions of a [B, T + 1, V] tensor, a loss mixture
+        big = torch.randn(2, 9, 4001, generator=g).to(dtype).cuda()
+        x = big[:, :-1].detach().requires_grad_(True)
+        ids3 = torch.randint(0, 4001, (2, 8, 16), generator=g).cuda()
+        lp3 = torch.log_softmax(torch.randn(2, 8, 16, generator=g), -1).cuda()
+        td.topk_distill_loss(x, ids3, lp3, loss=[("fkl", "topk", 0.9), ("rkl", "renorm", 0.1)],
+                             inplace_backward=True).loss.backward()
     torch.cuda.synchronize()
     print("sanitizer workload done")
 
@@ -141,7 +153,7 @@ def main(argv=None):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     steps["tests"] = run([py, "-m", "pytest", *GPU_TESTS, "-q", "-p", "no:cacheprovider",
                           "-k", "cuda and not cuda_emu and not emulated", "-rfEs",
-                          f"--junitxml={out / 'tests.xml'}"],
+                          ],
                          out / "tests.log", STEP_LIMITS["tests"], env=env)
 
     counts = [l for l in tail(out / "tests.log", 5).splitlines() if " passed" in l or " failed" in l]
@@ -160,12 +172,19 @@ def main(argv=None):
             [sanitizer, "--tool", tool, "--error-exitcode", "3", py, "-m", "benchmarks.gpu_check",
              "--out", str(out), "--sanitizer-workload"], san_log, per_tool, env=env)
 
-    # 5. benchmark
-    bench = out / "cuda_bench.json"
+    # 5. benchmark (its own files go to a scratch folder; summary.json embeds them)
+    scratch = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    bench = scratch / "cuda_bench.json"
     steps["benchmark"] = run([py, "-m", "benchmarks.cuda_bench", "--quick", "--out", str(bench)],
                              out / "benchmark.log", STEP_LIMITS["benchmark"], env=env)
     if bench.exists():
         summary["benchmark"] = json.loads(bench.read_text())
+    steps["features"] = run([py, "-m", "benchmarks.features", "--device", "cuda", "--n", "8192",
+                             "--v", "32768", "--reps", "10"], out / "benchmark.log",
+                            STEP_LIMITS["features"], env=env)
+    features = REPO / "benchmarks" / "results" / "features_cuda.json"
+    if features.exists():
+        summary["features"] = json.loads(features.read_text())
 
     # 6. summary
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -177,13 +196,14 @@ def main(argv=None):
     for tool, (status, secs) in steps["sanitizer"].items():
         lines.append(f"| compute-sanitizer {tool} | {status} | {secs} |")
     lines.append(f"| benchmark | {steps['benchmark'][0]} | {steps['benchmark'][1]} |")
+    lines.append(f"| features | {steps['features'][0]} | {steps['features'][1]} |")
     lines += ["", "## tests (tail)", "", "```", tail(out / "tests.log"), "```"]
     if bench.with_suffix(".md").exists():
         lines += ["", "## benchmark", "", bench.with_suffix(".md").read_text()]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:12 + len(steps["sanitizer"])]))
     ok = all(s[0] == "ok" for s in (steps["build"], steps["tests"], steps["benchmark"],
-                                    *steps["sanitizer"].values()))
+                                    steps["features"], *steps["sanitizer"].values()))
     return 0 if ok else 1
 
 

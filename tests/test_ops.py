@@ -11,25 +11,37 @@ from _inputs import DEVICES, LOSSES, SUPPORTS, tdev, teacher_batch
 def op_inputs(device="cpu", dtype=torch.float32, n=6, v=40, k=5):
     z, ids, lp = teacher_batch(n, v, k, seed=21, device=device)
     z = z.to(dtype)
-    row_max, sums, gathered = ops.shard_pass(z, ids, 0, 0.5)
-    loss, q, p, row_coefs, g = ops.epilogue(row_max, sums, gathered, ids, lp.float(), None, v, "jsd",
-                                          "tail", 0.5, 0.1, 0.1, -8.0, 1.0)
-    return z, ids, lp.float(), row_max, sums, gathered, row_coefs, g
+    labels = torch.arange(n, device=ids.device) * 7 % v
+    labels[1] = -1  # ignored
+    row_max, sums, gathered, _, _ = ops.shard_pass(z, ids, 0, 0.5, labels, True, 0)
+    outs = ops.epilogue(row_max, sums, gathered, ids, lp.float(), None, v,
+                        [("jsd", "tail", 1.0, 0.5, 0.1, 0.1)], -8.0, 1.0, labels, True)
+    return z, ids, lp.float(), labels, row_max, sums, gathered, outs[5], outs[6]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck_every_op(device, dtype):
-    z, ids, lp, row_max, sums, gathered, row_coefs, g = op_inputs(device, dtype)
-    grad_rows = torch.rand(z.shape[0], device=tdev(device))
+    z, ids, lp, labels, row_max, sums, gathered, row_coefs, g = op_inputs(device, dtype)
+    n = z.shape[0]
+    grad_rows = torch.rand(n, device=tdev(device))
+    grad_label = torch.rand(n, device=tdev(device))
+    grad_entropy = torch.rand(n, device=tdev(device))
     mask = torch.tensor([True, False, True, True, True, False], device=tdev(device))
+    z3 = z.view(2, 3, z.shape[1])[:, :, :]  # the [B, T, V] form
+    terms = (["srkl", "fkl"], ["renorm", "tail"], [0.7, 0.3], [0.5, 0.5], [0.1, 0.1], [0.3, 0.2])
     ns = torch.ops.topk_distill_emu if device == "cuda_emu" else torch.ops.topk_distill
     cases = [
-        (ns.shard_pass.default, (z, ids, 3, 0.7)),
+        (ns.shard_pass.default, (z, ids, None, 3, 0.7, False, 0)),
+        (ns.shard_pass.default, (z3, ids, labels, 0, 0.7, True, 4)),
         (ns.epilogue.default,
-         (row_max, sums, gathered, ids, lp, mask, 40, "srkl", "renorm", 0.5, 0.1, 0.3, None, 2.0)),
-        (ns.backward.default, (z, ids, row_max, row_coefs, g, grad_rows, 0, 0.5)),
-        (ns.backward_.default, (z.clone(), ids, row_max, row_coefs, g, grad_rows, 0, 0.5)),
+         (row_max, sums, gathered, ids, lp, mask, labels, 40, *terms, None, 2.0, True)),
+        (ns.backward.default, (z, ids, labels, row_max, row_coefs, g, grad_rows, grad_label,
+                               grad_entropy, 0, 0.5)),
+        (ns.backward.default, (z3, ids, None, row_max, row_coefs, g, grad_rows, None, None, 0,
+                               0.5)),
+        (ns.backward_.default, (z.clone(), ids, labels, row_max, row_coefs, g, grad_rows,
+                                grad_label, None, 0, 0.5)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -140,10 +152,9 @@ def test_cpu_gradient_buffer_cache_never_hands_out_a_live_buffer():
     cache against page-fault cost); a gradient that is still alive is never overwritten."""
     z, ids, lp = teacher_batch(1024, 2048, 8, seed=28, special_rows=False)
     z = z.float()
-    ops = torch.ops.topk_distill
-    row_max, sums, gathered = ops.shard_pass(z, ids, 0, 1.0)
-    _, _, _, coefs, g = ops.epilogue(row_max, sums, gathered, ids, lp.float(), None, 2048, "fkl",
-                                     "topk", 0.5, 0.1, 0.1, None, 1.0)
+    row_max, sums, gathered, _, _ = ops.shard_pass(z, ids, 0, 1.0)
+    *_, coefs, g = ops.epilogue(row_max, sums, gathered, ids, lp.float(), None, 2048,
+                                [("fkl", "topk", 1.0, 0.5, 0.1, 0.1)], None, 1.0)
     ones = torch.ones(1024)
     first = ops.backward(z, ids, row_max, coefs, g, ones, 0, 1.0)
     kept = first.clone()

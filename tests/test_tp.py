@@ -716,9 +716,13 @@ def test_layout_table_errors_and_defaults():
 
 def test_communication_bytes_model():
     assert parallel.communication_bytes(1000, 64, 8, check_inputs=False) == dict(
-        all_reduce_max=4000, all_reduce_sum=1000 * 67 * 4, collectives=2)
+        all_reduce_max=4000, all_reduce_sum=1000 * 69 * 4, collectives=2)
     assert parallel.communication_bytes(1000, 64, 8, acc_bytes=8) == dict(
-        all_reduce_max=8000, all_reduce_sum=1000 * 67 * 8, all_gather_check=64, collectives=3)
+        all_reduce_max=8000, all_reduce_sum=1000 * 69 * 8, all_gather_check=64, collectives=3)
+    # labels: one more gathered column; the student's top-k: one all_gather of (value, id) pairs
+    assert parallel.communication_bytes(1000, 64, 8, labels=True, student_topk=16) == dict(
+        all_reduce_max=4000, all_reduce_sum=1000 * 70 * 4, all_gather_topk=1000 * 32 * 8,
+        all_gather_check=64, collectives=4)
 
 
 def test_tp_group_type_error_and_integrations_import_without_megatron():

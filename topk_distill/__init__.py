@@ -30,9 +30,10 @@ _C = _load_kernels()
 
 from . import ops, parallel, reference  # noqa: E402
 from ._types import Term, TopKDistillOutput  # noqa: E402
-from .losses import TopKDistillLoss, topk_distill_loss  # noqa: E402
+from .losses import TopKDistillLoss, student_topk, topk_distill_loss  # noqa: E402
 from .fused_linear import FusedLinearTopKDistillLoss, fused_linear_topk_distill_loss  # noqa: E402
 
-__all__ = ["topk_distill_loss", "TopKDistillLoss", "TopKDistillOutput", "Term", "reference", "ops",
-           "parallel", "fused_linear_topk_distill_loss", "FusedLinearTopKDistillLoss"]
+__all__ = ["topk_distill_loss", "TopKDistillLoss", "TopKDistillOutput", "Term", "student_topk",
+           "reference", "ops", "parallel", "fused_linear_topk_distill_loss",
+           "FusedLinearTopKDistillLoss"]
 __version__ = "0.1.0"

@@ -398,7 +398,7 @@ def call_on_packed(fn: Callable, logits, teacher_ids, teacher_logprobs, mask=Non
     its own arguments here (``locals()``), so arguments added later are forwarded too.
     """
     for name, value in kwargs.items():  # (else fn, seeing a nested tensor, would recurse)
-        if isinstance(value, Tensor) and value.is_nested:
+        if name != "labels" and isinstance(value, Tensor) and value.is_nested:
             raise TypeError(f"{name} cannot be a nested tensor (only logits, teacher_ids, "
                             f"teacher_logprobs, mask and labels can be jagged)")
     has_labels = "labels" in kwargs

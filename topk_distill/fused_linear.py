@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import _validate, ops, parallel
+from . import _validate, losses, ops, parallel
 from ._types import TopKDistillOutput
+from ._validate import UNSET
 
 __all__ = ["fused_linear_topk_distill_loss", "FusedLinearTopKDistillLoss", "auto_chunk_size"]
 
@@ -66,7 +67,7 @@ _RENAMES = (("the logits hold the whole vocab", "weight holds the whole vocab"),
 
 
 def _validate_tensors(hidden, weight, bias, teacher_ids, teacher_logprobs, mask, tp_group,
-                      vocab_start) -> Tuple[Tuple[int, ...], int, int, int]:
+                      vocab_start, labels=None) -> Tuple[Tuple[int, ...], int, int, int]:
     """(lead_shape, N, V_r, K); errors name hidden / weight / bias / teacher_* / mask."""
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
@@ -107,7 +108,8 @@ def _validate_tensors(hidden, weight, bias, teacher_ids, teacher_logprobs, mask,
     proxy = hidden.new_empty(()).expand(*hidden.shape[:-1], weight.shape[0])
     try:
         shapes = _validate.validate_tensors(proxy, teacher_ids, teacher_logprobs, mask,
-                                            tp_group=tp_group, vocab_start=vocab_start)
+                                            tp_group=tp_group, vocab_start=vocab_start,
+                                            labels=labels)
     except (TypeError, ValueError) as e:
         msg = str(e)
         for a, b in _RENAMES:
@@ -148,23 +150,36 @@ def _agree_on_chunk_size(group_name: str, requested: Optional[int], local_auto: 
 
 class _FusedLinearTopKDistill(torch.autograd.Function):
     """(hidden [N, H], weight [V_r, H], bias [V_r] | None) -> (reduced loss, student_mass [N],
-    teacher_mass [N]). The gradients are computed in the forward and kept until the backward."""
+    teacher_mass [N], label_logprobs [N], entropy [N], student top-k outputs). The gradients of
+    the loss are computed in the forward and kept until the backward; those of label_logprobs
+    and entropy (their upstream gradients are only known then) are computed in the backward, by
+    recomputing each chunk's logits - only when one of them receives a gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_ids, teacher_logprobs, mask, count, cfg):
+    def forward(ctx, hidden, weight, bias, teacher_ids, teacher_logprobs, mask, labels, count,
+                cfg):
         n, h = hidden.shape
         v_r = weight.shape[0]
         acc = ops.acc_dtype(hidden.dtype)
         need_h, need_w, need_b = cfg["needs"]
         need_any = need_h or need_w or need_b
         chunk = cfg["chunk_size"]
-        group_name = cfg["group_name"]
-        start, vocab_size = cfg["vocab_start"], cfg["vocab_size"]
-        inv_t = cfg["inv_temperature"]
+        lcfg = cfg["loss_cfg"]  # losses._Config of the per-chunk calls
+        topk = lcfg.topk
 
         loss_rows = torch.empty(n, dtype=acc, device=hidden.device)
         student_mass = torch.empty(n, dtype=torch.float32, device=hidden.device)
         teacher_mass = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        label_lp = torch.zeros(n, dtype=acc, device=hidden.device)
+        entropy = torch.zeros(n, dtype=acc, device=hidden.device)
+        row_max_all = torch.empty(n, dtype=acc, device=hidden.device)
+        coefs_all = torch.empty((n, ops.ROW_COEFS), dtype=torch.float64, device=hidden.device)
+        top_ids = top_lp = ov_count = ov_adv = None
+        if topk > 0:
+            top_ids = torch.empty((n, topk), dtype=torch.int64, device=hidden.device)
+            top_lp = torch.empty((n, topk), dtype=torch.float32, device=hidden.device)
+            ov_count = torch.empty(n, dtype=torch.int64, device=hidden.device)
+            ov_adv = torch.empty(n, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_h else None
         grad_weight = grad_weight_acc = partial_w = None
         if need_w:
@@ -195,35 +210,33 @@ class _FusedLinearTopKDistill(torch.autograd.Function):
             else:
                 torch.addmm(bias, h_c, weight_t, out=z)
             ids_c = teacher_ids[s:e]
-            row_max, sums, gathered = ops.shard_pass(z, ids_c, start, inv_t)
-            if group_name is not None:
-                row_max, sums, gathered = parallel.combine_shard_stats(row_max, sums, gathered,
-                                                                       group_name)
-            l_c, sm_c, tm_c, row_coefs, grad_logprobs = ops.epilogue(
-                row_max, sums, gathered, ids_c, teacher_logprobs[s:e],
-                None if mask is None else mask[s:e], vocab_size, cfg["loss"], cfg["support"],
-                cfg["beta"], cfg["rkl_ratio"], cfg["skew"], cfg["log_prob_min_clamp"],
-                cfg["loss_scale"])
+            lab_c = None if labels is None else labels[s:e]
+            mask_c = None if mask is None else mask[s:e]
+            row_max, sums, gathered, top_v, top_i = losses._shard_stats(z, ids_c, lab_c, lcfg)
+            l_c, sm_c, tm_c, lab_lp_c, ent_c, row_coefs, grad_logprobs = ops.epilogue(
+                row_max, sums, gathered, ids_c, teacher_logprobs[s:e], mask_c, lcfg.vocab_size,
+                lcfg.terms, lcfg.log_prob_min_clamp, lcfg.loss_scale, lab_c, lcfg.with_entropy)
             loss_rows[s:e] = l_c
             student_mass[s:e] = sm_c
             teacher_mass[s:e] = tm_c
+            label_lp[s:e] = lab_lp_c
+            entropy[s:e] = ent_c
+            row_max_all[s:e] = row_max
+            coefs_all[s:e] = row_coefs
+            if topk > 0:
+                log_sum = row_coefs[:, 0]
+                top_ids[s:e] = top_i
+                top_lp[s:e] = losses._topk_logprobs(top_v, row_max, log_sum, lcfg.inv_temperature)
+                ov_count[s:e], ov_adv[s:e] = losses._overlap(
+                    ids_c, teacher_logprobs[s:e], gathered, mask_c, top_i, row_max, log_sum,
+                    lcfg.vocab_size, lcfg.log_prob_min_clamp)
             if not need_any:
                 continue
             # dL/dlogits of the chunk, written over its logits (they are not needed any more).
-            ops.backward_(z, ids_c, row_max, row_coefs, grad_logprobs, grad_rows[:rows], start,
-                          inv_t)
-            if need_h:
-                torch.mm(z, weight, out=grad_hidden[s:e])
-            if need_w:
-                if grad_weight_acc is not None:
-                    torch.mm(z.t(), h_c, out=partial_w)
-                    grad_weight_acc.add_(partial_w)
-                elif s == 0:
-                    torch.mm(z.t(), h_c, out=grad_weight)
-                else:
-                    grad_weight.addmm_(z.t(), h_c)
-            if need_b:
-                grad_bias_acc.add_(z.sum(0, dtype=grad_bias_acc.dtype))
+            ops.backward_(z, ids_c, row_max, row_coefs, grad_logprobs, grad_rows[:rows],
+                          lcfg.vocab_start, lcfg.inv_temperature)
+            _accumulate_linear_grads(z, h_c, weight, s, e, grad_hidden, grad_weight,
+                                     grad_weight_acc, partial_w, grad_bias_acc)
         del buf, partial_w
 
         if grad_weight_acc is not None:
@@ -235,11 +248,18 @@ class _FusedLinearTopKDistill(torch.autograd.Function):
             out = loss_rows.sum() / count.to(acc)
         ctx.grads = [grad_hidden, grad_weight,
                      None if grad_bias_acc is None else grad_bias_acc.to(bias.dtype)]
+        # For the backward of label_logprobs / entropy (recomputed per chunk, see the class doc).
+        ctx.save_for_backward(hidden, weight, bias, teacher_ids, labels, row_max_all, coefs_all)
+        ctx.cfg = cfg
+        ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(student_mass, teacher_mass)
-        return out, student_mass, teacher_mass
+        if topk > 0:
+            ctx.mark_non_differentiable(top_ids, top_lp, ov_count, ov_adv)
+        return (out, student_mass, teacher_mass, label_lp, entropy, top_ids, top_lp, ov_count,
+                ov_adv)
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_student_mass, _grad_teacher_mass):
+    def backward(ctx, grad_out, _gsm, _gtm, grad_label, grad_entropy, *_topk):
         if ctx.grads is None:
             raise RuntimeError(
                 "fused_linear_topk_distill_loss: its backward can run only once (the gradients "
@@ -248,11 +268,86 @@ class _FusedLinearTopKDistill(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None  # dropped here so autograd can steal, not copy, them
         out = []
         for g in grads:  # (a 0-d grad_out keeps g's dtype)
-            if g is not None:
+            if g is not None and grad_out is not None:
                 g.mul_(grad_out)  # in place: no second copy of grad_weight
+            elif g is not None:
+                g.zero_()
             out.append(g)
         grads = None
-        return (*out, None, None, None, None, None)
+        hidden, weight, bias, teacher_ids, labels, row_max, row_coefs = ctx.saved_tensors
+        lcfg = ctx.cfg["loss_cfg"]
+        if labels is None:
+            grad_label = None
+        if not lcfg.with_entropy:
+            grad_entropy = None
+        if grad_label is not None or grad_entropy is not None:
+            _per_row_outputs_backward(ctx.cfg, hidden, weight, bias, teacher_ids, labels, row_max,
+                                      row_coefs, grad_label, grad_entropy, out)
+        return (*out, None, None, None, None, None, None)
+
+
+def _accumulate_linear_grads(z, h_c, weight, s, e, grad_hidden, grad_weight, grad_weight_acc,
+                             partial_w, grad_bias_acc):
+    """grad_hidden[s:e] = z @ W, grad_weight += z.T @ h_c (written by the first chunk),
+    grad_bias += z.sum(0), for a chunk's dL/dlogits z (each skipped when not needed)."""
+    if grad_hidden is not None:
+        torch.mm(z, weight, out=grad_hidden[s:e])
+    if grad_weight_acc is not None:
+        torch.mm(z.t(), h_c, out=partial_w)
+        grad_weight_acc.add_(partial_w)
+    elif grad_weight is not None:
+        if s == 0:
+            torch.mm(z.t(), h_c, out=grad_weight)
+        else:
+            grad_weight.addmm_(z.t(), h_c)
+    if grad_bias_acc is not None:
+        grad_bias_acc.add_(z.sum(0, dtype=grad_bias_acc.dtype))
+
+
+def _per_row_outputs_backward(cfg, hidden, weight, bias, teacher_ids, labels, row_max, row_coefs,
+                              grad_label, grad_entropy, grads):
+    """Adds the gradients of label_logprobs and entropy (upstream grad_label / grad_entropy [N])
+    to grads = [grad_hidden, grad_weight, grad_bias], chunk by chunk: the chunk's logits are
+    recomputed (one GEMM) and the backward kernel turns the two upstream gradients into
+    dL/dlogits (the loss's own part is already in grads)."""
+    lcfg = cfg["loss_cfg"]
+    need_h, need_w, need_b = cfg["needs"]
+    n = hidden.shape[0]
+    chunk = cfg["chunk_size"]
+    acc = row_max.dtype
+    gy = None if grad_label is None else grad_label.to(acc).contiguous()
+    gh = None if grad_entropy is None else grad_entropy.to(acc).contiguous()
+    grad_hidden, grad_weight, grad_bias = grads
+    if need_h and grad_hidden is None:
+        grad_hidden = grads[0] = torch.zeros_like(hidden)
+    if need_w and grad_weight is None:
+        grad_weight = grads[1] = torch.zeros_like(weight)
+    bias_acc = None
+    if need_b:
+        bias_acc = torch.zeros(weight.shape[0], dtype=ops.acc_dtype(bias.dtype), device=bias.device)
+    weight_t = weight.t()
+    buf = hidden.new_empty((min(chunk, n), weight.shape[0]))
+    k = teacher_ids.shape[1]
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        z = buf[:e - s]
+        if bias is None:
+            torch.mm(hidden[s:e], weight_t, out=z)
+        else:
+            torch.addmm(bias, hidden[s:e], weight_t, out=z)
+        no_g = torch.zeros((e - s, k), dtype=torch.float64, device=hidden.device)
+        ops.backward_(z, teacher_ids[s:e], row_max[s:e], row_coefs[s:e], no_g,
+                      torch.zeros(e - s, dtype=acc, device=hidden.device), lcfg.vocab_start,
+                      lcfg.inv_temperature, None if labels is None else labels[s:e],
+                      None if gy is None else gy[s:e], None if gh is None else gh[s:e])
+        if need_h:
+            grad_hidden[s:e].addmm_(z, weight)
+        if need_w:
+            grad_weight.addmm_(z.t(), hidden[s:e])
+        if need_b:
+            bias_acc.add_(z.sum(0, dtype=bias_acc.dtype))
+    if need_b:
+        grads[2] = bias_acc.to(bias.dtype) if grads[2] is None else grads[2] + bias_acc.to(bias.dtype)
 
 
 # ----------------------------------------------------------------------------- API
@@ -265,11 +360,11 @@ def fused_linear_topk_distill_loss(
     *,
     bias: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
-    loss: str = "fkl",
-    support: str = "topk",
-    beta: float = 0.5,
-    rkl_ratio: float = 0.1,
-    skew: float = 0.1,
+    loss="fkl",
+    support=UNSET,
+    beta=UNSET,
+    rkl_ratio=UNSET,
+    skew=UNSET,
     temperature: float = 1.0,
     t2_scale: bool = False,
     log_prob_min_clamp: Optional[float] = None,
@@ -279,6 +374,10 @@ def fused_linear_topk_distill_loss(
     vocab_start: Optional[int] = None,
     check_inputs: bool = True,
     weight_grad_fp32: bool = False,
+    labels: Optional[Tensor] = None,
+    return_entropy: bool = False,
+    student_topk: Optional[int] = None,
+    missing_teacher: str = "error",
 ) -> TopKDistillOutput:
     """``topk_distill_loss(hidden @ weight.T + bias, ...)`` without the ``[N, V_r]`` logits.
 
@@ -287,8 +386,11 @@ def fused_linear_topk_distill_loss(
         weight: ``[V_r, H]`` the LM head's weight - this rank's vocab shard under TP - in the
             hidden's dtype. ``bias``: optional ``[V_r]``.
         teacher_ids, teacher_logprobs, mask, loss, support, beta, rkl_ratio, skew, temperature,
-        t2_scale, log_prob_min_clamp, tp_group, vocab_start, check_inputs: as in
-            :func:`topk_distill.topk_distill_loss`.
+        t2_scale, log_prob_min_clamp, tp_group, vocab_start, check_inputs, labels,
+        return_entropy, student_topk, missing_teacher: as in
+            :func:`topk_distill.topk_distill_loss`. ``label_logprobs`` and ``entropy`` are
+            differentiable: their gradients are formed in the backward, by recomputing each
+            chunk's logits (one more GEMM per chunk, only when they receive a gradient).
         reduction: ``mean`` | ``sum``. ``none`` is not supported: the gradients are formed in the
             forward with each row's weight in the reduction, which must be known then.
         chunk_size: rows per chunk (peak memory ~ chunk_size * V_r logits); ``None`` picks it
@@ -302,13 +404,13 @@ def fused_linear_topk_distill_loss(
     (``copy_to_tensor_model_parallel_region`` before the call, or the sequence-parallel gather).
 
     Returns:
-        ``TopKDistillOutput(loss, student_mass, teacher_mass)``; masses have hidden's leading
-        shape.
+        ``TopKDistillOutput``; per-row fields have hidden's leading shape.
     """
     opts = _validate.validate_options(loss=loss, support=support, beta=beta, rkl_ratio=rkl_ratio,
                                       skew=skew, temperature=temperature, t2_scale=t2_scale,
                                       log_prob_min_clamp=log_prob_min_clamp, reduction=reduction,
-                                      check_inputs=check_inputs)
+                                      check_inputs=check_inputs, return_entropy=return_entropy,
+                                      student_topk=student_topk, missing_teacher=missing_teacher)
     if opts.reduction == "none":
         raise ValueError("reduction='none' is not supported by fused_linear_topk_distill_loss "
                          "(its gradients are formed in the forward from each row's weight in "
@@ -318,7 +420,8 @@ def fused_linear_topk_distill_loss(
         raise TypeError(f"weight_grad_fp32 must be a bool; got {type(weight_grad_fp32).__name__}")
     chunk_size = _validate_chunk_size(chunk_size)
     lead_shape, n, v_local, k = _validate_tensors(hidden, weight, bias, teacher_ids,
-                                                  teacher_logprobs, mask, tp_group, vocab_start)
+                                                  teacher_logprobs, mask, tp_group, vocab_start,
+                                                  labels)
 
     hidden2d = hidden.reshape(n, hidden.shape[-1])
     if not hidden2d.is_contiguous():
@@ -326,13 +429,21 @@ def fused_linear_topk_distill_loss(
     ids2d = teacher_ids.reshape(n, k).contiguous()
     lp2d = teacher_logprobs.detach().reshape(n, k).contiguous()
     mask1d = None if mask is None else mask.reshape(n).contiguous()
+    labels1d = None if labels is None else labels.reshape(n).contiguous()
 
     try:
         group_name, start, vocab_size = parallel.layout_and_checks(
             tp_group, n, k, v_local, vocab_start, ids2d, lp2d, mask1d,
-            check_inputs=check_inputs, device=hidden.device)
+            check_inputs=check_inputs, device=hidden.device, labels=labels1d,
+            missing_teacher=opts.missing_teacher)
     except ValueError as e:  # the layout check says "logits"; here the rows are hidden's
         raise ValueError(str(e).replace("logits:", "hidden:")) from None
+    if opts.student_topk is not None:
+        _validate.check_k_fits("student_topk", opts.student_topk, vocab_size)
+    if opts.missing_teacher == "drop":
+        ids2d = torch.where(torch.isnan(lp2d) & (ids2d < vocab_size), -1, ids2d)
+    elif opts.missing_teacher == "floor":
+        lp2d = torch.where(torch.isnan(lp2d), float("-inf"), lp2d)
 
     if chunk_size is None or group_name is not None:
         local_auto = auto_chunk_size(max(n, 1), v_local, hidden.dtype, hidden.device)
@@ -349,16 +460,28 @@ def fused_linear_topk_distill_loss(
     if opts.reduction == "mean":
         count = (torch.tensor(max(n, 1), device=hidden.device) if mask1d is None
                  else mask1d.sum().clamp_min(1))
-    cfg = dict(
-        needs=needs, chunk_size=chunk_size, group_name=group_name, vocab_start=start,
-        vocab_size=vocab_size, inv_temperature=1.0 / opts.temperature, loss=opts.loss,
-        support=opts.support, beta=opts.beta, rkl_ratio=opts.rkl_ratio, skew=opts.skew,
-        log_prob_min_clamp=opts.log_prob_min_clamp,
-        loss_scale=opts.temperature ** 2 if opts.t2_scale else 1.0, reduction=opts.reduction,
-        weight_grad_fp32=weight_grad_fp32)
-    out, student_mass, teacher_mass = _FusedLinearTopKDistill.apply(
-        hidden2d, weight, bias, ids2d, lp2d, mask1d, count, cfg)
-    return TopKDistillOutput(out, student_mass.view(lead_shape), teacher_mass.view(lead_shape))
+    loss_cfg = losses._Config(
+        group_name, start, vocab_size, 1.0 / opts.temperature, losses._terms_of(opts),
+        opts.log_prob_min_clamp, opts.temperature ** 2 if opts.t2_scale else 1.0,
+        opts.return_entropy, opts.student_topk or 0, False)
+    cfg = dict(needs=needs, chunk_size=chunk_size, loss_cfg=loss_cfg, reduction=opts.reduction,
+               weight_grad_fp32=weight_grad_fp32)
+    (out, student_mass, teacher_mass, label_lp, entropy, top_ids, top_lp, ov_count,
+     ov_adv) = _FusedLinearTopKDistill.apply(hidden2d, weight, bias, ids2d, lp2d, mask1d,
+                                             labels1d, count, cfg)
+    extra = {}
+    if labels is not None:
+        extra["label_logprobs"] = label_lp.view(lead_shape)
+    if opts.return_entropy:
+        extra["entropy"] = entropy.view(lead_shape)
+    if opts.student_topk is not None:
+        kk = opts.student_topk
+        extra.update(student_topk_ids=top_ids.view(*lead_shape, kk),
+                     student_topk_logprobs=top_lp.view(*lead_shape, kk),
+                     overlap_count=ov_count.view(lead_shape),
+                     overlap_token_advantage=ov_adv.view(lead_shape))
+    return TopKDistillOutput(out, student_mass.view(lead_shape), teacher_mass.view(lead_shape),
+                             **extra)
 
 
 class FusedLinearTopKDistillLoss(nn.Module):
@@ -369,23 +492,27 @@ class FusedLinearTopKDistillLoss(nn.Module):
     ``out = crit(hidden, lm_head.weight, teacher_ids, teacher_logprobs, mask=mask)``
     """
 
-    def __init__(self, *, chunk_size: Optional[int] = None, loss: str = "fkl",
-                 support: str = "topk", beta: float = 0.5, rkl_ratio: float = 0.1,
-                 skew: float = 0.1, temperature: float = 1.0, t2_scale: bool = False,
-                 log_prob_min_clamp: Optional[float] = None, reduction: str = "mean",
-                 tp_group=None, vocab_start: Optional[int] = None, check_inputs: bool = True,
-                 weight_grad_fp32: bool = False):
+    def __init__(self, *, chunk_size: Optional[int] = None, loss="fkl", support=UNSET,
+                 beta=UNSET, rkl_ratio=UNSET, skew=UNSET, temperature: float = 1.0,
+                 t2_scale: bool = False, log_prob_min_clamp: Optional[float] = None,
+                 reduction: str = "mean", tp_group=None, vocab_start: Optional[int] = None,
+                 check_inputs: bool = True, weight_grad_fp32: bool = False,
+                 return_entropy: bool = False, student_topk: Optional[int] = None,
+                 missing_teacher: str = "error"):
         super().__init__()
         self.kwargs = dict(chunk_size=chunk_size, loss=loss, support=support, beta=beta,
                            rkl_ratio=rkl_ratio, skew=skew, temperature=temperature,
                            t2_scale=t2_scale, log_prob_min_clamp=log_prob_min_clamp,
                            reduction=reduction, tp_group=tp_group, vocab_start=vocab_start,
-                           check_inputs=check_inputs, weight_grad_fp32=weight_grad_fp32)
+                           check_inputs=check_inputs, weight_grad_fp32=weight_grad_fp32,
+                           return_entropy=return_entropy, student_topk=student_topk,
+                           missing_teacher=missing_teacher)
         # Fail at construction, not at the first step.
         _validate.validate_options(loss=loss, support=support, beta=beta, rkl_ratio=rkl_ratio,
                                    skew=skew, temperature=temperature, t2_scale=t2_scale,
                                    log_prob_min_clamp=log_prob_min_clamp, reduction=reduction,
-                                   check_inputs=check_inputs)
+                                   check_inputs=check_inputs, return_entropy=return_entropy,
+                                   student_topk=student_topk, missing_teacher=missing_teacher)
         if reduction == "none":
             raise ValueError("reduction='none' is not supported by FusedLinearTopKDistillLoss; "
                              "use 'mean' or 'sum'")
@@ -396,9 +523,11 @@ class FusedLinearTopKDistillLoss(nn.Module):
 
     def forward(self, hidden: Tensor, weight: Tensor, teacher_ids: Tensor,
                 teacher_logprobs: Tensor, bias: Optional[Tensor] = None,
-                mask: Optional[Tensor] = None) -> TopKDistillOutput:
+                mask: Optional[Tensor] = None, labels: Optional[Tensor] = None
+                ) -> TopKDistillOutput:
         return fused_linear_topk_distill_loss(hidden, weight, teacher_ids, teacher_logprobs,
-                                              bias=bias, mask=mask, **self.kwargs)
+                                              bias=bias, mask=mask, labels=labels, **self.kwargs)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if k != "tp_group")
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items()
+                         if k != "tp_group" and v is not UNSET)

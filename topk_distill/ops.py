@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -76,39 +76,51 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fake kernels: shapes and dtypes only.
+# Fake kernels: shapes and dtypes only (csrc/registration.cpp is the contract).
 # ---------------------------------------------------------------------------------------------
 
+SHARD_SUMS = 5   # sums columns: rest, teach, dup, teacher columns, entropy sum
+ROW_COEFS = 6    # row_coefs columns: log_sum, dense, outside, entropy, label / entropy factors
 
-def _shard_pass_fake(logits, teacher_ids, vocab_start, inv_temperature):
-    n, k = logits.shape[0], teacher_ids.shape[1]
+
+def _rows(logits):
+    return logits.shape[0] * logits.shape[1] if logits.dim() == 3 else logits.shape[0]
+
+
+def _shard_pass_fake(logits, teacher_ids, labels, vocab_start, inv_temperature, with_entropy, topk):
+    n, k = _rows(logits), teacher_ids.shape[1]
     acc = acc_dtype(logits.dtype)
     return (
         logits.new_empty((n,), dtype=acc),
-        logits.new_empty((n, 3), dtype=acc),
-        logits.new_empty((n, k), dtype=acc),
+        logits.new_empty((n, SHARD_SUMS), dtype=acc),
+        logits.new_empty((n, k + (labels is not None)), dtype=acc),
+        logits.new_empty((n, topk), dtype=acc),
+        logits.new_empty((n, topk), dtype=torch.int64),
     )
 
 
-def _epilogue_fake(row_max, sums, gathered, teacher_ids, teacher_logprobs, mask, vocab_size,
-                   loss, support, beta, rkl_ratio, skew, log_prob_min_clamp, loss_scale):
+def _epilogue_fake(row_max, sums, gathered, teacher_ids, teacher_logprobs, mask, labels,
+                   vocab_size, loss, support, weight, beta, rkl_ratio, skew, log_prob_min_clamp,
+                   loss_scale, with_entropy):
     n = row_max.shape[0]
     return (
         row_max.new_empty((n,)),
         row_max.new_empty((n,), dtype=torch.float32),
         row_max.new_empty((n,), dtype=torch.float32),
-        row_max.new_empty((n, 3), dtype=torch.float64),
-        gathered.new_empty(gathered.shape, dtype=torch.float64),
+        row_max.new_empty((n,)),
+        row_max.new_empty((n,)),
+        row_max.new_empty((n, ROW_COEFS), dtype=torch.float64),
+        row_max.new_empty(teacher_ids.shape, dtype=torch.float64),
     )
 
 
-def _backward_fake(logits, teacher_ids, row_max, row_coefs, grad_logprobs, grad_rows, vocab_start,
-                   inv_temperature):
+def _backward_fake(logits, teacher_ids, labels, row_max, row_coefs, grad_logprobs, grad_rows,
+                   grad_label, grad_entropy, vocab_start, inv_temperature):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def _backward_inplace_fake(logits, teacher_ids, row_max, row_coefs, grad_logprobs, grad_rows,
-                           vocab_start, inv_temperature):
+def _backward_inplace_fake(logits, teacher_ids, labels, row_max, row_coefs, grad_logprobs,
+                           grad_rows, grad_label, grad_entropy, vocab_start, inv_temperature):
     return None
 
 
@@ -124,32 +136,42 @@ for _ns in _NAMESPACES:
 # ---------------------------------------------------------------------------------------------
 
 
-def shard_pass(logits: Tensor, teacher_ids: Tensor, vocab_start: int,
-               inv_temperature: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """(row_max [N], sums [N, 3], gathered [N, K]) of this rank's logits [N, V_r]."""
-    return _ops(logits).shard_pass(logits, teacher_ids, vocab_start, inv_temperature)
+def shard_pass(logits: Tensor, teacher_ids: Tensor, vocab_start: int, inv_temperature: float,
+               labels: Optional[Tensor] = None, with_entropy: bool = False, topk: int = 0):
+    """(row_max [N], sums [N, 5], gathered [N, K (+1 with labels)], topk_logits [N, topk],
+    topk_ids [N, topk]) of this rank's logits ([N, V_r] or [B, T, V_r], any leading strides)."""
+    return _ops(logits).shard_pass(logits, teacher_ids, labels, vocab_start, inv_temperature,
+                                   with_entropy, topk)
 
 
 def epilogue(row_max: Tensor, sums: Tensor, gathered: Tensor, teacher_ids: Tensor,
-             teacher_logprobs: Tensor, mask: Optional[Tensor], vocab_size: int, loss: str,
-             support: str, beta: float, rkl_ratio: float, skew: float,
-             log_prob_min_clamp: Optional[float], loss_scale: float):
-    """(loss [N], student_mass [N], teacher_mass [N], row_coefs [N, 3] f64, grad_logprobs [N, K] f64))."""
-    return _ops(row_max).epilogue(row_max, sums, gathered, teacher_ids, teacher_logprobs, mask, vocab_size,
-                         loss, support, beta, rkl_ratio, skew, log_prob_min_clamp, loss_scale)
+             teacher_logprobs: Tensor, mask: Optional[Tensor], vocab_size: int,
+             terms: Sequence, log_prob_min_clamp: Optional[float], loss_scale: float,
+             labels: Optional[Tensor] = None, with_entropy: bool = False):
+    """(loss [N], student_mass [N], teacher_mass [N], label_logprobs [N], entropy [N],
+    row_coefs [N, 6] f64, grad_logprobs [N, K] f64). ``terms``: (loss, support, weight, beta,
+    rkl_ratio, skew) per term (``td.Term``s)."""
+    return _ops(row_max).epilogue(
+        row_max, sums, gathered, teacher_ids, teacher_logprobs, mask, labels, vocab_size,
+        [t[0] for t in terms], [t[1] for t in terms], [float(t[2]) for t in terms],
+        [float(t[3]) for t in terms], [float(t[4]) for t in terms], [float(t[5]) for t in terms],
+        log_prob_min_clamp, loss_scale, with_entropy)
 
 
 def backward(logits: Tensor, teacher_ids: Tensor, row_max: Tensor, row_coefs: Tensor,
-             grad_logprobs: Tensor, grad_rows: Tensor, vocab_start: int,
-             inv_temperature: float) -> Tensor:
-    """Gradient w.r.t. logits, a new tensor in the logits' dtype."""
-    return _ops(logits).backward(logits, teacher_ids, row_max, row_coefs, grad_logprobs, grad_rows,
-                         vocab_start, inv_temperature)
+             grad_logprobs: Tensor, grad_rows: Tensor, vocab_start: int, inv_temperature: float,
+             labels: Optional[Tensor] = None, grad_label: Optional[Tensor] = None,
+             grad_entropy: Optional[Tensor] = None) -> Tensor:
+    """Gradient w.r.t. logits, a new contiguous tensor shaped like them, in their dtype."""
+    return _ops(logits).backward(logits, teacher_ids, labels, row_max, row_coefs, grad_logprobs,
+                                 grad_rows, grad_label, grad_entropy, vocab_start,
+                                 inv_temperature)
 
 
 def backward_(logits: Tensor, teacher_ids: Tensor, row_max: Tensor, row_coefs: Tensor,
               grad_logprobs: Tensor, grad_rows: Tensor, vocab_start: int,
-              inv_temperature: float) -> None:
-    """Gradient w.r.t. logits written into the logits' own storage."""
-    _ops(logits).backward_(logits, teacher_ids, row_max, row_coefs, grad_logprobs, grad_rows, vocab_start,
-                   inv_temperature)
+              inv_temperature: float, labels: Optional[Tensor] = None,
+              grad_label: Optional[Tensor] = None, grad_entropy: Optional[Tensor] = None) -> None:
+    """Gradient w.r.t. logits written into the logits' own storage (through their strides)."""
+    _ops(logits).backward_(logits, teacher_ids, labels, row_max, row_coefs, grad_logprobs,
+                           grad_rows, grad_label, grad_entropy, vocab_start, inv_temperature)

@@ -9,7 +9,7 @@ replicated. Per loss call:
   on N or K, or whose shards do not tile ``[0, V)``, ALL raise the same ``ValueError`` instead of
   hanging in a mismatched collective. With ``check_inputs=False`` the layout is cached per
   ``(group, V_r, vocab_start)``: only the first call on a group gathers it.
-* forward - :func:`combine_shard_stats`, exactly two collectives on [N]- and [N, 3 + K]-sized
+* forward - :func:`combine_shard_stats`, exactly two collectives on [N]- and [N, 5 + K]-sized
   tensors: ``all_reduce(MAX)`` of the row max, then ``all_reduce(SUM)`` of the packed
   ``[rescaled sums | gathered teacher logits]`` (each teacher logit is non-zero on exactly one
   rank, so the SUM assembles it exactly).
@@ -42,6 +42,7 @@ __all__ = [
     "vocab_layout",
     "clear_layout_cache",
     "combine_shard_stats",
+    "merge_topk",
     "communication_bytes",
 ]
 
@@ -260,41 +261,78 @@ def layout_and_checks(tp_group, n: int, k: int, v_local: int, vocab_start: Optio
     return group_name, start, vocab_size
 
 
-def combine_shard_stats(row_max: Tensor, sums: Tensor, gathered: Tensor,
-                        group_name: str) -> Tuple[Tensor, Tensor, Tensor]:
+def combine_shard_stats(row_max: Tensor, sums: Tensor, gathered: Tensor, group_name: str,
+                        with_entropy: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """Each rank's shard statistics -> the global ones, with exactly two all-reduces.
 
-    ``row_max`` [N], ``sums`` [N, 3] (relative to this shard's row max), ``gathered`` [N, K]
-    (teacher logits in this shard, 0 elsewhere), all in the accumulation dtype.
+    ``row_max`` [N], ``sums`` [N, 5] (csrc/registration.cpp: rest, teach, dup relative to this
+    shard's row max, the count of distinct teacher columns, the entropy sum), ``gathered``
+    [N, K (+1 with labels)] (teacher / label logits in this shard, 0 elsewhere), all in the
+    accumulation dtype. The sums of exp are rescaled by e^(m - M) to the global max M; the
+    entropy sum S2 = sum e (z/T - m) by (S2 + (m - M) S1) e^(m - M) with S1 = rest + teach, the
+    sum over all of the shard's columns (SPEC 9.2); the column count is a plain count.
     """
     global_max = _all_reduce(row_max, "max", group_name)
-    # exp(local - global) rescales this shard's sums; a shard whose row is all -inf adds 0.
-    scale = torch.where(row_max == float("-inf"), torch.zeros_like(row_max),
-                        torch.exp(row_max - global_max))
-    packed = torch.cat([sums * scale.unsqueeze(1), gathered], dim=1)
-    packed = _all_reduce(packed, "sum", group_name)
-    return global_max, packed[:, :3].contiguous(), packed[:, 3:].contiguous()
+    # A shard whose row is all -inf adds 0 (and m - M would be -inf - -inf = NaN there).
+    empty = row_max == float("-inf")
+    delta = torch.where(empty, torch.zeros_like(row_max), row_max - global_max)
+    scale = torch.where(empty, torch.zeros_like(row_max), torch.exp(delta))
+    parts = [sums[:, :3] * scale.unsqueeze(1), sums[:, 3:4]]
+    if with_entropy:
+        s1 = sums[:, 0] + sums[:, 1]
+        parts.append(((sums[:, 4] + delta * s1) * scale).unsqueeze(1))
+    else:
+        parts.append(sums[:, 4:5])
+    packed = _all_reduce(torch.cat(parts + [gathered], dim=1), "sum", group_name)
+    return global_max, packed[:, :5].contiguous(), packed[:, 5:].contiguous()
+
+
+def merge_topk(values: Tensor, ids: Tensor, group_name: str) -> Tuple[Tensor, Tensor]:
+    """Every rank's top-k ``(values [N, k], global ids [N, k])`` -> the top-k of the whole vocab,
+    identical on every rank, with ONE all_gather of the k (value, id) pairs per row (packed as
+    float64: ids below 2^53 and fp32 / fp64 values are exact in it). Larger value first (NaN
+    above everything), then lower id; a rank's padding (-inf, id -1) ranks last."""
+    n, k = values.shape
+    world = dist.get_world_size(_resolve(group_name))
+    mine = torch.cat([values.to(torch.float64), ids.to(torch.float64)], dim=1)
+    table = _all_gather(mine, world, group_name).view(world, n, 2 * k)
+    all_values = table[:, :, :k].permute(1, 0, 2).reshape(n, world * k).to(values.dtype)
+    all_ids = table[:, :, k:].permute(1, 0, 2).reshape(n, world * k).to(torch.int64)
+    # Two stable sorts: by id ascending (padding, -1, treated as the largest id), then by value
+    # descending - equal values keep the lower id first.
+    key = torch.where(all_ids < 0, torch.full_like(all_ids, 2 ** 62), all_ids)
+    by_id = torch.sort(key, dim=1, stable=True).indices
+    v1 = all_values.gather(1, by_id)
+    by_value = torch.sort(v1, dim=1, descending=True, stable=True).indices[:, :k]
+    order = by_id.gather(1, by_value)
+    return all_values.gather(1, order), all_ids.gather(1, order)
 
 
 def communication_bytes(n: int, k: int, world_size: int, *, acc_bytes: int = 4,
-                        check_inputs: bool = True) -> Dict[str, int]:
+                        check_inputs: bool = True, labels: bool = False,
+                        student_topk: int = 0) -> Dict[str, int]:
     """What each rank contributes to the collectives of one forward call, in bytes (the backward
     sends nothing).
 
     ``acc_bytes`` is 4 (fp32 / bf16 / fp16 logits) or 8 (fp64 logits). Keys: ``all_reduce_max``
-    (N values), ``all_reduce_sum`` (N * (3 + K) values), with ``check_inputs`` also
-    ``all_gather_check`` (8 int64 = 64 bytes: N, K, V_r, vocab_start and the four data-check
-    facts - largest teacher id, any NaN log-prob, any positive log-prob, largest label (-1
-    without labels); every rank receives the 64 * W byte table), and
-    ``collectives`` (how many: 2, or 3 with ``check_inputs``). On the wire a ring all-reduce of B
-    bytes moves about 2 * (W - 1) / W * B per rank. With ``check_inputs=False`` the first call on a
-    group also makes the layout gather once, 4 int64 without the data facts (it is then cached). ``world_size`` is accepted for
-    symmetry; no payload depends on it.
+    (N values), ``all_reduce_sum`` (N * (5 + K) values: the five shard sums, the K gathered
+    teacher logits, and one more column with ``labels``; the entropy rides in the sums), with
+    ``student_topk=k`` also ``all_gather_topk`` (N * 2k float64: the k (value, id) pairs per row;
+    every rank receives W times that), with ``check_inputs`` also ``all_gather_check`` (8 int64 =
+    64 bytes: N, K, V_r, vocab_start and the four data-check facts - largest teacher id, any NaN
+    log-prob, any positive log-prob, largest label (-1 without labels); every rank receives the
+    64 * W byte table), and ``collectives`` (how many: 2, +1 with ``check_inputs``, +1 with
+    ``student_topk``). On the wire a ring all-reduce of B bytes moves about 2 * (W - 1) / W * B per
+    rank. With ``check_inputs=False`` the first call on a group also makes the layout gather once,
+    4 int64 without the data facts (it is then cached). ``world_size`` is accepted for symmetry;
+    no payload depends on it.
     """
     out = {
         "all_reduce_max": n * acc_bytes,
-        "all_reduce_sum": n * (3 + k) * acc_bytes,
+        "all_reduce_sum": n * (5 + k + int(labels)) * acc_bytes,
     }
+    if student_topk:
+        out["all_gather_topk"] = n * 2 * student_topk * 8
     if check_inputs:
         out["all_gather_check"] = 8 * 8
     out["collectives"] = len(out)

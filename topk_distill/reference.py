@@ -45,7 +45,10 @@ def _clamp_min(x: torch.Tensor, c: float) -> torch.Tensor:
 
 def _masked_logsumexp(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """log sum_{keep} exp(x) over the last dim; -inf for a row that keeps nothing, with a zero
-    (not NaN) gradient: such rows see a dummy finite input instead of all -inf."""
+    (not NaN) gradient: such rows see a dummy finite input instead of all -inf. A term of -inf
+    adds nothing and is left out (a row of only -inf terms is a row that keeps nothing), so its
+    gradient is 0 rather than the NaN of logsumexp's backward over all -inf."""
+    keep = keep & ~torch.isneginf(x)
     any_kept = keep.any(-1, keepdim=True)
     x = torch.where(keep, x, _NEG_INF)
     x = torch.where(any_kept, x, 0.0)

@@ -1,8 +1,8 @@
 // CPU epilogue: per-row loss, masses and g = dL/ds from the global row statistics.
 //
-// Memory traffic: O(N * K) - reads the gathered logits, ids and teacher log-probs, writes g.
-// Work split: rows across threads (at::parallel_for); each row is one SerialLanes call of the
-// shared driver in divergences.h, in double precision.
+// Memory traffic: O(N * K * terms) - reads the gathered logits, ids and teacher log-probs,
+// writes g. Work split: rows across threads (at::parallel_for); each row is one SerialLanes call
+// of the shared driver in divergences.h (epilogue_row, row_extras), in double precision.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -15,12 +15,14 @@ namespace topk_distill {
 namespace cpu {
 namespace {
 
-template <typename acc_t, typename id_t, typename lp_t>
-void epilogue_kernel(const LossParams& params, const at::Tensor& row_max, const at::Tensor& sums,
+template <typename acc_t, typename id_t, typename lp_t, typename label_t>
+void epilogue_kernel(const LossTerms& terms, const at::Tensor& row_max, const at::Tensor& sums,
                      const at::Tensor& gathered, const at::Tensor& ids, const at::Tensor& lp,
-                     const bool* mask, int64_t vocab_size, at::Tensor& loss, at::Tensor& student_mass,
-                     at::Tensor& teacher_mass, at::Tensor& row_coefs, at::Tensor& grad) {
-  const int64_t N = ids.size(0), K = ids.size(1);
+                     const bool* mask, const label_t* labels, int64_t vocab_size,
+                     bool with_entropy, at::Tensor& loss, at::Tensor& student_mass,
+                     at::Tensor& teacher_mass, at::Tensor& label_logprobs, at::Tensor& entropy,
+                     at::Tensor& row_coefs, at::Tensor& grad) {
+  const int64_t N = ids.size(0), K = ids.size(1), G = gathered.size(1);
   const acc_t* m = row_max.const_data_ptr<acc_t>();
   const acc_t* s = sums.const_data_ptr<acc_t>();
   const acc_t* x = gathered.const_data_ptr<acc_t>();
@@ -29,45 +31,66 @@ void epilogue_kernel(const LossParams& params, const at::Tensor& row_max, const 
   acc_t* loss_out = loss.mutable_data_ptr<acc_t>();
   float* q_out = student_mass.mutable_data_ptr<float>();
   float* p_out = teacher_mass.mutable_data_ptr<float>();
+  acc_t* label_out = label_logprobs.mutable_data_ptr<acc_t>();
+  acc_t* entropy_out = entropy.mutable_data_ptr<acc_t>();
   double* coefs_out = row_coefs.mutable_data_ptr<double>();
   double* g = grad.mutable_data_ptr<double>();
   // ~64K entries per task: a [512, 64] batch stays on one thread, where waking a second one
   // (busy elsewhere) would cost more than the whole epilogue.
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(K * terms.count, 1));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const RowStats st{static_cast<double>(m[n]), static_cast<double>(s[3 * n]),
-                        static_cast<double>(s[3 * n + 1]), static_cast<double>(s[3 * n + 2])};
+      const acc_t* sn = s + kShardSums * n;
+      const RowStats st{static_cast<double>(m[n]), static_cast<double>(sn[0]),
+                        static_cast<double>(sn[1]), static_cast<double>(sn[2]),
+                        static_cast<double>(sn[3]), static_cast<double>(sn[4])};
       const bool counted = mask == nullptr || mask[n];
-      const RowResult r = epilogue_row(SerialLanes{}, params, K, st, counted, vocab_size,
-                                       x + n * K, id + n * K, l + n * K, g + n * K);
+      const RowResult r = epilogue_row(SerialLanes{}, terms, K, st, counted, vocab_size,
+                                       x + n * G, id + n * K, l + n * K, g + n * K);
+      const RowExtras e = row_extras(st, r.log_sum, counted, labels != nullptr,
+                                     labels != nullptr ? static_cast<int64_t>(labels[n]) : -1,
+                                     vocab_size, labels != nullptr ? x[n * G + K] : acc_t(0),
+                                     with_entropy);
       loss_out[n] = static_cast<acc_t>(r.loss);
       q_out[n] = static_cast<float>(r.student_mass);
       p_out[n] = static_cast<float>(r.teacher_mass);
-      coefs_out[3 * n] = r.log_sum;
-      coefs_out[3 * n + 1] = r.dense_coef;
-      coefs_out[3 * n + 2] = r.outside_coef;
+      label_out[n] = static_cast<acc_t>(e.label_logprob);
+      entropy_out[n] = static_cast<acc_t>(e.entropy);
+      double* c = coefs_out + kRowCoefs * n;
+      c[0] = r.log_sum;
+      c[1] = r.dense_coef;
+      c[2] = r.outside_coef;
+      c[3] = e.entropy;
+      c[4] = e.label_factor;
+      c[5] = e.entropy_factor;
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_cpu(
-    const at::Tensor& row_max, const at::Tensor& sums, const at::Tensor& gathered,
-    const at::Tensor& teacher_ids, const at::Tensor& teacher_logprobs,
-    const std::optional<at::Tensor>& mask, int64_t vocab_size, c10::string_view loss,
-    c10::string_view support, double beta, double rkl_ratio, double skew,
-    std::optional<double> log_prob_min_clamp, double loss_scale) {
-  check_epilogue_args(row_max, sums, gathered, teacher_ids, teacher_logprobs, mask);
-  const LossParams params = loss_params_from_args(std::string(loss), std::string(support), beta,
-                                                  rkl_ratio, skew, log_prob_min_clamp, loss_scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+epilogue_cpu(const at::Tensor& row_max, const at::Tensor& sums, const at::Tensor& gathered,
+             const at::Tensor& teacher_ids, const at::Tensor& teacher_logprobs,
+             const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& labels,
+             int64_t vocab_size, const std::vector<std::string>& loss,
+             const std::vector<std::string>& support, c10::ArrayRef<double> weight,
+             c10::ArrayRef<double> beta, c10::ArrayRef<double> rkl_ratio,
+             c10::ArrayRef<double> skew, std::optional<double> log_prob_min_clamp,
+             double loss_scale, bool with_entropy) {
+  check_epilogue_args(row_max, sums, gathered, teacher_ids, teacher_logprobs, mask, labels);
+  const LossTerms terms = loss_terms_from_args(loss, support, weight, beta, rkl_ratio, skew,
+                                               log_prob_min_clamp, loss_scale);
   const int64_t N = teacher_ids.size(0), K = teacher_ids.size(1);
   const auto acc_opts = row_max.options();
   at::Tensor loss_rows = at::empty({N}, acc_opts);
   at::Tensor student_mass = at::empty({N}, acc_opts.dtype(at::kFloat));
   at::Tensor teacher_mass = at::empty({N}, acc_opts.dtype(at::kFloat));
-  at::Tensor row_coefs = at::empty({N, 3}, acc_opts.dtype(at::kDouble));
+  at::Tensor label_logprobs = at::empty({N}, acc_opts);
+  at::Tensor entropy = at::empty({N}, acc_opts);
+  at::Tensor row_coefs = at::empty({N, kRowCoefs}, acc_opts.dtype(at::kDouble));
   at::Tensor grad = at::empty({N, K}, acc_opts.dtype(at::kDouble));
-  if (N == 0) return {loss_rows, student_mass, teacher_mass, row_coefs, grad};
+  if (N == 0) {
+    return {loss_rows, student_mass, teacher_mass, label_logprobs, entropy, row_coefs, grad};
+  }
   const bool* mask_ptr = mask.has_value() ? mask->const_data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(row_max.scalar_type(), "epilogue_cpu", [&] {
     using acc_t = scalar_t;
@@ -75,13 +98,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_
       using id_t = index_t;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, teacher_logprobs.scalar_type(),
                                       "epilogue_cpu_lp", [&] {
-        epilogue_kernel<acc_t, id_t, scalar_t>(params, row_max, sums, gathered, teacher_ids,
-                                               teacher_logprobs, mask_ptr, vocab_size, loss_rows,
-                                               student_mass, teacher_mass, row_coefs, grad);
+        using lp_t = scalar_t;
+        if (labels.has_value() && labels->scalar_type() == at::kInt) {
+          epilogue_kernel<acc_t, id_t, lp_t, int32_t>(
+              terms, row_max, sums, gathered, teacher_ids, teacher_logprobs, mask_ptr,
+              labels->const_data_ptr<int32_t>(), vocab_size, with_entropy, loss_rows,
+              student_mass, teacher_mass, label_logprobs, entropy, row_coefs, grad);
+        } else {
+          epilogue_kernel<acc_t, id_t, lp_t, int64_t>(
+              terms, row_max, sums, gathered, teacher_ids, teacher_logprobs, mask_ptr,
+              labels.has_value() ? labels->const_data_ptr<int64_t>() : nullptr, vocab_size,
+              with_entropy, loss_rows, student_mass, teacher_mass, label_logprobs, entropy,
+              row_coefs, grad);
+        }
       });
     });
   });
-  return {loss_rows, student_mass, teacher_mass, row_coefs, grad};
+  return {loss_rows, student_mass, teacher_mass, label_logprobs, entropy, row_coefs, grad};
 }
 
 }  // namespace

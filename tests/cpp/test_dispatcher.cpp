@@ -46,8 +46,9 @@ void check_close(const at::Tensor& got, const at::Tensor& want, double rtol, dou
   check(ok, what);
 }
 
-using ShardPassFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                   int64_t, double);
+using ShardPassFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double, bool,
+    int64_t);
 
 c10::TypedOperatorHandle<ShardPassFn> shard_pass_op() {
   return c10::Dispatcher::singleton()
@@ -72,7 +73,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reference(const at::Tensor& logit
   auto rest = (e * (~is_teacher).to(at::kDouble)).sum(1);
   auto teach = (e * is_teacher.to(at::kDouble)).sum(1);
   auto dup = (e * (count - 1).clamp_min(0)).sum(1);
-  auto sums = at::stack({rest, teach, dup}, 1);                  // [N, 3]
+  auto cols = is_teacher.to(at::kDouble).sum(1);                 // distinct teacher columns
+  auto ent = (e * (x - row_max.unsqueeze(1))).sum(1);            // with_entropy
+  auto sums = at::stack({rest, teach, dup, cols, ent}, 1);       // [N, 5]
   auto gathered = at::where(in_shard, x.gather(1, safe), at::zeros_like(x.gather(1, safe)));
   return {row_max, sums, gathered};
 }
@@ -81,9 +84,10 @@ void run_case(const std::string& name, const at::Tensor& logits, const at::Tenso
               double inv_t, double rtol, double atol) {
   const int failed_before = g_failed;
   auto op = shard_pass_op();
-  at::Tensor row_max, sums, gathered;
+  at::Tensor row_max, sums, gathered, topk_values, topk_ids;
   try {
-    std::tie(row_max, sums, gathered) = op.call(logits, ids, vocab_start, inv_t);
+    std::tie(row_max, sums, gathered, topk_values, topk_ids) =
+        op.call(logits, ids, std::nullopt, vocab_start, inv_t, /*with_entropy=*/true, /*topk=*/0);
   } catch (const std::exception& ex) {
     check(false, name + ": shard_pass threw: " + ex.what());
     return;
@@ -98,11 +102,12 @@ void run_case(const std::string& name, const at::Tensor& logits, const at::Tenso
   check(row_max.device() == logits.device() && sums.device() == logits.device() &&
             gathered.device() == logits.device(),
         name + ": outputs on the logits' device");
-  check(row_max.sizes() == at::IntArrayRef{N} && sums.sizes() == at::IntArrayRef{N, 3} &&
-            gathered.sizes() == at::IntArrayRef{N, K},
-        name + ": output shapes [N], [N, 3], [N, K]");
+  check(row_max.sizes() == at::IntArrayRef{N} && sums.sizes() == at::IntArrayRef{N, 5} &&
+            gathered.sizes() == at::IntArrayRef{N, K} && topk_ids.sizes() == at::IntArrayRef{N, 0},
+        name + ": output shapes [N], [N, 5], [N, K], [N, 0]");
   check_close(row_max, want_max, rtol, atol, name + ": row_max");
-  check_close(sums, want_sums, rtol, atol, name + ": sums (rest | teacher | repeated)");
+  check_close(sums, want_sums, rtol, atol,
+              name + ": sums (rest | teacher | repeated | teacher columns | entropy sum)");
   check_close(gathered, want_gathered, rtol, atol, name + ": gathered");
   std::printf("%-48s %s\n", name.c_str(), g_failed == failed_before ? "ok" : "FAILED");
 }
