@@ -14,7 +14,9 @@ tensors, int64 for ids), dense and simple: [N, V] at a time, for test sizes.
 Where the contract leaves an edge to the kernels, the reference follows them and says so:
   * an all -inf row (row_max -inf): e_v of a -inf logit is 0 in ``rest`` and the entropy sum
     (probability 0), while ``teach`` / ``dup`` are exp(x_k - row_max) literally, NaN there;
-  * a NaN logit: row_max and all five sums NaN (the gathered values stay as they are);
+  * a NaN logit: row_max NaN, and every sum that has a term NaN (rest always, teach / dup when
+    the row has such entries, the entropy sum with with_entropy); the distinct-column count and
+    the gathered values stay as they are (the CPU kernel's reading of "the sums NaN");
   * the epilogue's ``g`` / ``dense_coef`` / ``outside_coef`` are a decomposition of dL/ds and
     dL/du (u = 1 - Q); epilogue_ref returns instead the full derivative g_full = dL/ds_k (through
     Q too) and dL/du, and :func:`check_epilogue_decomposition` checks the kernel's three against
@@ -85,8 +87,17 @@ def shard_pass_ref(logits, teacher_ids, labels, vocab_start, inv_temperature, wi
         ent = torch.where(e == 0, 0.0, e * torch.where(e == 0, 0.0, t)).sum(-1)  # NaN stays
     else:
         ent = torch.zeros(n, dtype=F64)
+    # A NaN logit: every e_v relative to the NaN max is NaN - rest and (with_entropy) the entropy
+    # sum are NaN, teach / dup are NaN where they have a term and 0 where they have none; the
+    # count of distinct columns does not depend on the logits.
+    nan_sums = torch.stack([
+        torch.full((n,), NAN, dtype=F64),
+        torch.where((inshard & first).any(-1), NAN, 0.0),
+        torch.where((inshard & ~first).any(-1), NAN, 0.0),
+        count,
+        torch.full((n,), NAN if with_entropy else 0.0, dtype=F64)], -1)
     sums = torch.stack([rest, teach, dup, count, ent], -1)
-    sums = torch.where(nan_row.unsqueeze(-1), NAN, sums)
+    sums = torch.where(nan_row.unsqueeze(-1), nan_sums, sums)
     if labels is not None:
         y = labels.detach().cpu().long().reshape(n) - vocab_start
         ok = (labels.detach().cpu().long().reshape(n) >= 0) & (y >= 0) & (y < v)

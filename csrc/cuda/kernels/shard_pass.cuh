@@ -30,7 +30,8 @@
 //      the row's ids (first copy = lowest k), O(K) - and the label's logit.
 // NaN: the max ignores NaN (one FMNMX); a NaN logit shows in rest (non-teacher column) or in its
 // gathered value (teacher column); a range whose max is +inf (where inf - inf also makes NaN) is
-// rescanned for NaN. A NaN logit makes the row's max and all its sums NaN, as on the CPU.
+// rescanned for NaN. A NaN logit makes the row's max NaN and every sum with a term NaN, as on
+// the CPU (the distinct-column count stays).
 // Accumulation is fp32 (fp64 for fp64 logits).
 //
 // Device code only: CUDA through portability.cuh; the host launcher is csrc/cuda/shard_pass.cu.
@@ -319,15 +320,18 @@ __device__ __forceinline__ void finalize_row(const ShardArgs<scalar_t, id_t>& a,
   acc_t v[4] = {teach, dup, fresh, static_cast<acc_t>(nan)};
   block_sum_n<4>(v, red);
   if (threadIdx.x == 0) {
+    // A NaN logit: every e_v relative to the NaN max is NaN, so rest (and the entropy sum) are
+    // NaN, teach / dup NaN where they have a term (a first copy / a repeat), 0 where they have
+    // none; the count of distinct columns does not depend on the logits (as the CPU kernel).
     const bool row_nan = v[3] != acc_t(0);
     const acc_t qn = quiet_nan<acc_t>();
     acc_t* s = a.sums + n * 5;
     a.row_max[n] = row_nan ? qn : M;
     s[0] = row_nan ? qn : st.rest;
-    s[1] = row_nan ? qn : v[0];
-    s[2] = row_nan ? qn : v[1];
-    s[3] = row_nan ? qn : v[2];
-    s[4] = row_nan ? qn : (kEnt ? st.ent : acc_t(0));
+    s[1] = row_nan ? (v[2] > acc_t(0) ? qn : acc_t(0)) : v[0];
+    s[2] = row_nan ? (repeat ? qn : acc_t(0)) : v[1];
+    s[3] = v[2];
+    s[4] = kEnt ? (row_nan ? qn : st.ent) : acc_t(0);
   }
 }
 
