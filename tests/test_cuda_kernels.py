@@ -394,6 +394,41 @@ def test_shard_pass_split_row_path(dev, dtype, n, v, k):
     check_shard_pass(dev, z, ids, labels=labels, ent=n <= 3, topk=3 if n <= 3 else 0)
 
 
+@pytest.mark.parametrize("dtype", LOW + [F64])
+def test_a_rows_results_do_not_depend_on_where_it_is_stored(dev, dtype):
+    """Which thread sums which column depends on the column indices only: the same row at any
+    16-byte misalignment, at any position of the batch, gives the same bits (shard pass, and so
+    the epilogue and the backward), as the CPU kernel does."""
+    n, v, k = 6, 1003, 9  # (v odd: consecutive rows of a contiguous tensor are misaligned)
+    z, ids, lp, vocab = shard_inputs(n, v, k, dtype=dtype, seed=61)
+    labels = make_labels(n, vocab, 0, v, seed=61)
+    gl, gy, gh = upstream(n, acc_of(dtype), seed=61, label=True, entropy=True)
+
+    def run_all(zd, idd, lab, gld, gyd, ghd):
+        st = dev.op("shard_pass")(zd, idd, lab, 0, INV_T, True, 3)
+        ep = dev.op("epilogue")(*st[:3], *[dev.to(a) if isinstance(a, torch.Tensor) else a
+                                           for a in epilogue_args(ids, lp, vocab, labels=labels,
+                                                                  ent=True)])
+        bw = dev.op("backward")(zd, idd, lab, st[0], ep[5], ep[6], gld, gld if gyd is None else gyd,
+                                ghd, 0, INV_T)
+        return [t.cpu().nan_to_num(1.5) for t in (*st, *ep, bw)]
+
+    dv = [dev.to(t) for t in (ids, labels, gl, gy, gh)]
+    want = run_all(dev.to(z), *dv)
+    for off in range(1, 9):  # every misalignment, with an odd row stride too
+        buf = torch.full((n, v + off), float("nan"), dtype=dtype, device=dev.device)
+        view = buf[:, off:]
+        view.copy_(dev.to(z))
+        got = run_all(view, *dv)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), off
+    # a permutation of the rows permutes the results, bit for bit
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    got = run_all(dev.to(z[perm].contiguous()), *[dev.to(t[perm]) for t in (ids, labels, gl, gy, gh)])
+    for a, b in zip(got[:3], want[:3]):  # (the shard pass' row outputs)
+        assert torch.equal(a, b[perm])
+
+
 def test_shard_pass_special_values(dev):
     z, ids, _, _ = shard_inputs(12, 517, 9, seed=5)
     z[1, 3] = float("nan")

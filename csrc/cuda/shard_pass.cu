@@ -26,22 +26,24 @@ TD_CUDA_NAMESPACE_BEGIN
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// The shard's top-k of the RAW logits (registration.cpp: descending, ties by the lower column,
-// NaN above everything as torch.sort ranks it; (-inf, -1) padding when V_r < topk).
+// The shard's top-k of the RAW logits (registration.cpp: descending, ties broken by the lower
+// column, NaN above everything as torch.sort ranks it; (-inf, -1) padding when V_r < topk).
 //
 // Computed here with ATen ops on the logits' own rows, not inside the streaming kernel: a fused
 // streaming selection (per-warp queues, as FAISS's WarpSelect) was not written, because without a
 // GPU nobody can show that it beats torch.topk on the shard, which is the condition issue 16 sets
 // for writing one. It is exact, ties included: each value becomes a 64-bit key
-//   (order-preserving 32 bits of the fp32 value, -0 as +0, every NaN the largest) << 32
+//   (order-preserving bits of the value, read in place: -0 as +0, every NaN the largest) << 32
 //   | (0xffffffff - column)
-// so that the keys are distinct and at::topk of the keys is the stable order; the values
-// returned are gathered from the logits (exact, -0 and NaN payloads kept). fp64 logits (no room
-// for a 64-bit value and a column in one key) take a stable descending sort instead. Rows go in
-// chunks of ~128 MiB of keys, on views of the logits (no [N, V_r] buffer, no copy of the
-// logits); 3-D logits are chunked within one leading index or over whole leading indices, so
-// every chunk is a plain strided view. (TOPK_DISTILL_TOPK_CHUNK_BYTES overrides the 128 MiB, for
-// the tests of the chunking.)
+// (bf16 / fp16 / fp32 bits order like the values once the magnitude bits of a negative are
+// flipped), so that the keys are distinct and at::topk of the keys is the stable order; the
+// values returned are gathered from the logits (exact, -0 and NaN payloads kept). fp64 logits (no
+// room for a 64-bit value and a column in one key) take a stable descending sort instead. Rows
+// go in chunks of at most ~128 MiB of keys and at most N / 16 rows (so that no temporary is
+// [N, V_r]-sized, even for a small batch), on views of the logits: 3-D logits are chunked within
+// one leading index or over whole leading indices, so every chunk is a plain strided view, and
+// nothing of the logits is copied. (TOPK_DISTILL_TOPK_CHUNK_BYTES sets the chunk's key bytes
+// instead, for the tests of the chunking.)
 // ---------------------------------------------------------------------------------------------
 
 // Rows [n0, n1) of the logits as a view whose last dim is V (2-D, or 3-D over whole b's).
@@ -50,6 +52,20 @@ at::Tensor rows_view(const at::Tensor& logits, const RowLayout& l, int64_t n0, i
   const int64_t b0 = n0 / l.T, t0 = n0 % l.T;
   if (t0 == 0 && (n1 - n0) % l.T == 0) return logits.narrow(0, b0, (n1 - n0) / l.T);
   return logits.select(0, b0).narrow(0, t0, n1 - n0);  // (within one b)
+}
+
+// Order-preserving integer keys of the values of `view` (bf16 / fp16 / fp32), widened to int64
+// and shifted into the high half.
+at::Tensor value_keys(const at::Tensor& view) {
+  const bool half = view.element_size() == 2;
+  const auto itype = half ? at::kShort : at::kInt;
+  const int64_t imax = half ? 0x7fff : 0x7fffffff;
+  const int64_t imin = half ? -0x8000 : -0x80000000LL;
+  const at::Tensor bits = view.view(itype);  // (same element size, unit last stride: a view)
+  at::Tensor ord = at::where(bits.lt(0), bits.bitwise_xor(imax), bits);
+  ord.masked_fill_(bits.eq(imin), 0);  // -0 -> +0: a tie, as torch.sort sees them
+  ord.masked_fill_(view.isnan(), imax);
+  return ord.to(at::kLong).bitwise_left_shift_(32);
 }
 
 void shard_topk(const at::Tensor& logits, const RowLayout& l, int64_t topk, int64_t vocab_start,
@@ -63,11 +79,11 @@ void shard_topk(const at::Tensor& logits, const RowLayout& l, int64_t topk, int6
   if (kk == 0 || N == 0) return;
   const bool fp64 = logits.scalar_type() == at::kDouble;
   const int64_t key_bytes = fp64 ? 16 : 8;  // (the sort keeps values and indices)
-  int64_t budget = int64_t(128) << 20;
-  if (const char* env = std::getenv("TOPK_DISTILL_TOPK_CHUNK_BYTES")) {  // (tests: tiny chunks)
-    if (std::atoll(env) > 0) budget = std::atoll(env);
+  int64_t rows = std::min((int64_t(128) << 20) / (key_bytes * V), N / 16);
+  if (const char* env = std::getenv("TOPK_DISTILL_TOPK_CHUNK_BYTES")) {  // (tests: exact size)
+    if (std::atoll(env) > 0) rows = std::atoll(env) / (key_bytes * V);
   }
-  int64_t rows = std::max<int64_t>(1, budget / (key_bytes * V));
+  rows = std::max<int64_t>(1, rows);
   if (logits.dim() == 3) {  // a chunk is within one b (rows <= T) or whole b's
     rows = rows >= l.T ? (rows / l.T) * l.T : rows;
   }
@@ -82,15 +98,7 @@ void shard_topk(const at::Tensor& logits, const RowLayout& l, int64_t topk, int6
       idx = std::get<1>(at::sort(view, /*stable=*/true, /*dim=*/-1, /*descending=*/true))
                 .narrow(-1, 0, kk);
     } else {
-      at::Tensor f = view.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
-      f.add_(0.0);  // -0 -> +0: a tie, as torch.sort sees them
-      at::Tensor bits = f.view(at::kInt);
-      at::Tensor ord = at::where(bits.lt(0), bits.bitwise_xor(0x7fffffff), bits);
-      ord.masked_fill_(f.isnan(), std::numeric_limits<int32_t>::max());
-      f = at::Tensor();
-      bits = at::Tensor();
-      at::Tensor key = ord.to(at::kLong).bitwise_left_shift_(32).bitwise_or_(col_key);
-      ord = at::Tensor();
+      const at::Tensor key = value_keys(view).bitwise_or_(col_key);
       idx = std::get<1>(at::topk(key, kk, -1, /*largest=*/true, /*sorted=*/true));
     }
     const at::Tensor vals = view.gather(-1, idx);

@@ -1,9 +1,9 @@
 // CUDA shard pass, device code: one read of this rank's logits (semantics: the shard_pass schema
 // in csrc/registration.cpp; the CPU kernel csrc/cpu/shard_pass.cpp computes the same).
 //
-// Memory traffic: reads N * V_r logits once, in 16-byte packs wherever the row allows it (a
-// scalar prologue up to the first aligned column and a scalar tail handle any row start and
-// V_r); reads the N * K ids once (twice on the split path, or for a row with a repeated id) and
+// Memory traffic: reads N * V_r logits once, in packs of 16 bytes (a row that is not 16-byte
+// aligned: each pack from its aligned block plus an 8-byte load of the next block's head, an L1
+// hit; V_r % VEC columns one by one); reads the N * K ids once (twice on the split path, or for a row with a repeated id) and
 // each in-shard teacher logit once more (K scattered elements per row, issued while marking so
 // that their latency hides behind the stream); writes N * (6 + K + L) acc values. Nothing of size
 // [N, V_r] is allocated; the split path adds a [N, splits, 8] workspace.
@@ -15,7 +15,9 @@
 //   1. marks: the row's in-range teacher columns are set in a shared-memory bitmap (atomicOr,
 //      which also counts the distinct columns and detects a repeated id); without a split, each
 //      thread also issues the load of its first teacher logit here;
-//   2. the stream: every thread reads its packs once, keeping in registers the raw max zmax and,
+//   2. the stream: every thread reads its packs once (which thread sums which column depends on
+//      the column indices only, so a row's results do not depend on where it is stored: a view
+//      and its contiguous copy agree bitwise), keeping in registers the raw max zmax and,
 //      relative to shift = zmax * c (c = log2(e) / T, rounded once), rest = sum of
 //      2^(z c - shift) over the unmarked columns (and, with entropy, the marked columns' sum and
 //      sum 2^y * y). The common iteration (4 packs, no new max, no marked column) is a loop of
@@ -137,20 +139,30 @@ struct StreamState {
     rest += e[0];
   }
 
-  // VEC columns with their marks (bit i = column i); raise() must have seen their max.
+  // VEC columns with their marks (bit i = column i); raise() must have seen their max. The same
+  // pairwise sum as add_fast: without a mark, both paths give the same bits.
   template <int VEC>
   __device__ __forceinline__ void add_masked(const acc_t (&x)[VEC], uint32_t bits, acc_t c) {
+    acc_t e[VEC], m[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       const acc_t y = fma_rn(x[i], c, -shift);
-      const acc_t e = fast_exp2(y);
+      const acc_t ei = fast_exp2(y);
       const bool marked = (bits >> i) & 1u;
-      rest += marked ? acc_t(0) : e;
-      if constexpr (kEnt) {
-        tsum += marked ? e : acc_t(0);
-        ent = fma_rn(e, max_ignore_nan(y, ent_floor<acc_t>()), ent);
+      e[i] = marked ? acc_t(0) : ei;
+      m[i] = marked ? ei : acc_t(0);
+      if constexpr (kEnt) ent = fma_rn(ei, max_ignore_nan(y, ent_floor<acc_t>()), ent);
+    }
+#pragma unroll
+    for (int w = 1; w < VEC; w *= 2) {
+#pragma unroll
+      for (int i = 0; i + w < VEC; i += 2 * w) {
+        e[i] += e[i + w];
+        m[i] += m[i + w];
       }
     }
+    rest += e[0];
+    if constexpr (kEnt) tsum += m[0];
   }
 
   // In natural units relative to M = zmax * inv_t (rounded as the CPU kernel does). Element v
@@ -176,16 +188,57 @@ struct StreamState {
   }
 };
 
+// Logical pack i of a range: its columns [VEC i, VEC i + VEC), anchored at the range's first
+// column (a multiple of 64, so at the row's column 0 too), whatever the row's address. zb is the
+// 16-byte aligned address MIS elements before the range's first column (MIS = the row's
+// misalignment). MIS == 0: one 16-byte load. Else the aligned block holding the pack's first
+// elements (16 bytes) and the next block's first MIS elements (one or two 8-byte loads, which
+// the neighbouring thread's 16-byte load brings into L1): 2-3 loads, the same bytes from DRAM.
+// Every aligned block touched holds an in-range element, so no access leaves the allocation.
+template <int MIS, typename scalar_t, typename acc_t, int VEC>
+__device__ __forceinline__ void load_logical(const scalar_t* zb, int i, acc_t (&x)[VEC]) {
+  if constexpr (MIS == 0) {
+    load_pack<acc_t, scalar_t, VEC>(zb + i * VEC, x);
+  } else {
+    constexpr int H = 8 / static_cast<int>(sizeof(scalar_t));  // elements per 8-byte load
+    constexpr int NH = (MIS + H - 1) / H;                       // 8-byte loads for the head
+    using P8 = Pack<scalar_t, H>;
+    acc_t a[VEC];
+    load_pack<acc_t, scalar_t, VEC>(zb + i * VEC, a);
+    const P8* next = reinterpret_cast<const P8*>(zb + (i + 1) * VEC);
+    P8 h[NH];
+#pragma unroll
+    for (int j = 0; j < NH; ++j) h[j] = next[j];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      if (e + MIS < VEC) {
+        x[e] = a[e + MIS];
+      } else {
+        const int k = e + MIS - VEC;
+        x[e] = static_cast<acc_t>(h[k / H].v[k % H]);
+      }
+    }
+  }
+}
+
 // This thread's share of the columns [r0, r1) of row z (the block streams them together), in
-// natural units. bm: the range's marks, sh its bit shift. Ranges have <= kMaxBlockCols columns:
-// 32-bit positions.
-template <typename scalar_t, bool kEnt>
+// natural units. bm: the range's marks (bit j = column r0 + j). Ranges have <= kMaxBlockCols
+// columns: 32-bit positions.
+//
+// Which thread sums which column, and in which order, depends only on the column indices (the
+// range and the block size), never on the row's address: logical packs of VEC columns from the
+// range's first column, thread t taking packs t, t + B, ...; the last len % VEC columns one per
+// thread. So a row gives the same bits wherever it is stored - a view and its contiguous copy,
+// any position in a batch (as the CPU kernel guarantees). MIS: the row's misalignment in
+// elements (a template argument: every composition of a misaligned pack is fixed at compile
+// time, the aligned case pays nothing).
+template <typename scalar_t, bool kEnt, int MIS>
 __device__ __forceinline__ RowStat<acc_of<scalar_t>> stream_range(
-    const scalar_t* z, int64_t r0, int64_t r1, int sh, smem_ptr<const uint32_t> bm,
+    const scalar_t* z, int64_t r0, int64_t r1, smem_ptr<const uint32_t> bm,
     acc_of<scalar_t> inv_t, acc_of<scalar_t> c, double c_ln2_minus_inv_t) {
   using acc_t = acc_of<scalar_t>;
   constexpr int VEC = vec_of<scalar_t>();
-  // packs in flight per thread (fp64: 2, so that the slow path's fp64 exp2 fits 64 registers)
+  // packs in flight per thread (fp64: 2, so that the slow path's fp64 exp2 fits the registers)
   constexpr int U = sizeof(scalar_t) == 8 ? 2 : 4;
   constexpr uint32_t kPackMask = (VEC >= 32) ? kFullMask : ((1u << VEC) - 1u);
   const int B = blockDim.x;
@@ -194,21 +247,15 @@ __device__ __forceinline__ RowStat<acc_of<scalar_t>> stream_range(
 
   const scalar_t* zr = z + r0;
   const int len = static_cast<int>(r1 - r0);
-  const int j0 = min(len, (VEC - sh) % VEC);  // first 16-byte aligned column of the range
-  const int npk = (len - j0) / VEC;
-  const int jt = j0 + npk * VEC;  // first tail column
-  const int n_scalar = j0 + (len - jt);
-  for (int t = threadIdx.x; t < n_scalar; t += B) {
-    const int j = t < j0 ? t : jt + (t - j0);
+  const int npk = len / VEC;
+  for (int j = npk * VEC + threadIdx.x; j < len; j += B) {  // the last len % VEC columns
     const acc_t x[1] = {static_cast<acc_t>(zr[j])};
     st.raise(x[0], c);
-    const int b = j + sh;
-    st.template add_masked<1>(x, (bm[b >> 5] >> (b & 31)) & 1u, c);
+    st.template add_masked<1>(x, (bm[j >> 5] >> (j & 31)) & 1u, c);
   }
 
-  const scalar_t* zp = zr + j0;
-  const int b0 = j0 + sh;             // bit of the first packed column: a multiple of VEC
-  const int wstride = B * VEC / 32;   // bitmap words between a thread's consecutive packs
+  const scalar_t* zb = zr - MIS;     // 16-byte aligned
+  const int wstride = B * VEC / 32;  // bitmap words between a thread's consecutive packs
   int i = threadIdx.x;
   acc_t x[U][VEC];
   // Outer loop: one "slow" iteration (new max or a marked column) per pass; the inner loop is
@@ -220,8 +267,8 @@ __device__ __forceinline__ RowStat<acc_of<scalar_t>> stream_range(
     uint32_t w[U];
     do {
 #pragma unroll
-      for (int u = 0; u < U; ++u) load_pack<acc_t, scalar_t, VEC>(zp + (i + u * B) * VEC, x[u]);
-      const int bit = b0 + i * VEC;
+      for (int u = 0; u < U; ++u) load_logical<MIS>(zb, i + u * B, x[u]);
+      const int bit = i * VEC;
       sb = bit & 31;
 #pragma unroll
       for (int u = 0; u < U; ++u) w[u] = bm[(bit >> 5) + u * wstride];
@@ -248,14 +295,27 @@ __device__ __forceinline__ RowStat<acc_of<scalar_t>> stream_range(
   }
   for (; i < npk; i += B) {
     acc_t y[VEC];
-    load_pack<acc_t, scalar_t, VEC>(zp + i * VEC, y);
+    load_logical<MIS>(zb, i, y);
     acc_t cm = y[0];
 #pragma unroll
     for (int e = 1; e < VEC; ++e) cm = max_ignore_nan(cm, y[e]);
     st.raise(cm, c);
-    st.template add_masked<VEC>(y, bitmap_bits<VEC>(bm, b0 + i * VEC), c);
+    st.template add_masked<VEC>(y, bitmap_bits<VEC>(bm, i * VEC), c);
   }
   return st.finish(inv_t, c_ln2_minus_inv_t);
+}
+
+template <typename scalar_t, bool kEnt, int MIS = 0>
+__device__ __forceinline__ RowStat<acc_of<scalar_t>> stream_range_any(
+    const scalar_t* z, int64_t r0, int64_t r1, smem_ptr<const uint32_t> bm,
+    acc_of<scalar_t> inv_t, acc_of<scalar_t> c, double c_ln2_minus_inv_t) {
+  if constexpr (MIS + 1 < vec_of<scalar_t>()) {
+    if (misalignment(z) != MIS) {
+      return stream_range_any<scalar_t, kEnt, MIS + 1>(z, r0, r1, bm, inv_t, c,
+                                                       c_ln2_minus_inv_t);
+    }
+  }
+  return stream_range<scalar_t, kEnt, MIS>(z, r0, r1, bm, inv_t, c, c_ln2_minus_inv_t);
 }
 
 // Does [r0, r1) of row z hold a NaN? (Only asked for a range whose max is +inf.) Block-uniform.
@@ -339,7 +399,6 @@ template <typename scalar_t, typename id_t, bool kEnt>
 __global__ void __launch_bounds__(kShardPassMaxThreads, shard_pass_min_blocks<scalar_t>())
     shard_pass_kernel(const ShardArgs<scalar_t, id_t> a) {
   using acc_t = acc_of<scalar_t>;
-  constexpr int VEC = vec_of<scalar_t>();
   const smem_ptr<uint32_t> bm = dynamic_shared_memory<uint32_t>();
   TD_SHARED_ARRAY(acc_t, red, 4 * 32);
 
@@ -351,7 +410,7 @@ __global__ void __launch_bounds__(kShardPassMaxThreads, shard_pass_min_blocks<sc
     const int64_t r0 = sp * a.chunk, r1 = std::min(a.V, r0 + a.chunk);
     const scalar_t* z = a.logits + a.rows.offset(n);
     const id_t* ids = a.ids + n * a.K;
-    const int sh = static_cast<int>((misalignment(z) + r0) % VEC);
+    constexpr int sh = 0;  // (bit j = column r0 + j: logical packs, see stream_range)
 
     // 1. marks (and, for a whole row, the first teacher logit's load: in flight during the stream)
     acc_t fresh = acc_t(0);
@@ -370,8 +429,8 @@ __global__ void __launch_bounds__(kShardPassMaxThreads, shard_pass_min_blocks<sc
     const bool repeat = __syncthreads_or(rep) != 0;
 
     // 2-3. the stream and the block merge (which ends with a barrier: no bitmap read after it)
-    RowStat<acc_t> st = stream_range<scalar_t, kEnt>(z, r0, r1, sh, bm, a.inv_t, a.c,
-                                                     a.c_ln2_minus_inv_t);
+    RowStat<acc_t> st = stream_range_any<scalar_t, kEnt>(z, r0, r1, bm, a.inv_t, a.c,
+                                                         a.c_ln2_minus_inv_t);
     st = block_merge_stat(st, red);
     int nan = (st.rest != st.rest) || (st.all != st.all) || (st.ent != st.ent);
     if (st.m == pos_inf<acc_t>()) nan = range_has_nan(z, r0, r1);  // (block-uniform)
