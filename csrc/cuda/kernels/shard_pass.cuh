@@ -238,8 +238,9 @@ __device__ __forceinline__ RowStat<acc_of<scalar_t>> stream_range(
     acc_of<scalar_t> inv_t, acc_of<scalar_t> c, double c_ln2_minus_inv_t) {
   using acc_t = acc_of<scalar_t>;
   constexpr int VEC = vec_of<scalar_t>();
-  // packs in flight per thread (fp64: 2, so that the slow path's fp64 exp2 fits the registers)
-  constexpr int U = sizeof(scalar_t) == 8 ? 2 : 4;
+  // packs in flight per thread: 4, or 2 where 4 would not fit the 64 registers without spills
+  // (fp64: the slow path's fp64 exp2; a misaligned row with the entropy sums: the heads)
+  constexpr int U = (sizeof(scalar_t) == 8 || (kEnt && MIS != 0)) ? 2 : 4;
   constexpr uint32_t kPackMask = (VEC >= 32) ? kFullMask : ((1u << VEC) - 1u);
   const int B = blockDim.x;
   StreamState<acc_t, kEnt> st;
@@ -404,8 +405,8 @@ __global__ void __launch_bounds__(kShardPassMaxThreads, shard_pass_min_blocks<sc
 
   zero_bitmap(bm, a.bitmap_words);
   const bool split = a.splits > 1;
-  const int64_t work = a.N * a.splits;
-  for (int64_t w = blockIdx.x; w < work; w += gridDim.x) {
+  const unsigned work = static_cast<unsigned>(a.N * a.splits);  // < 2^31 (host check)
+  for (unsigned w = blockIdx.x; w < work; w += gridDim.x) {  // (+ gridDim <= 2^30: no wrap)
     const auto [n, sp] = work_item(w, a.splits);
     const int64_t r0 = sp * a.chunk, r1 = std::min(a.V, r0 + a.chunk);
     const scalar_t* z = a.logits + a.rows.offset(n);
@@ -439,7 +440,7 @@ __global__ void __launch_bounds__(kShardPassMaxThreads, shard_pass_min_blocks<sc
     if (split) {
       const acc_t count = block_sum(fresh, red);
       if (threadIdx.x == 0) {
-        acc_t* p = a.partials + w * kPartialFields;
+        acc_t* p = a.partials + static_cast<int64_t>(w) * kPartialFields;
         p[0] = st.m;
         p[1] = st.rest;
         p[2] = st.all;
