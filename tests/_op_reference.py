@@ -126,6 +126,16 @@ def epilogue_ref(row_max, sums, gathered, teacher_ids, teacher_logprobs, mask, l
     log_sum, H, label_factor, entropy_factor (row_coefs [0], [3], [4], [5]), g_full [N, K]
     (dL/ds_k through Q too, scaled by loss_scale, 0 off the valid entries), d_u [N] (dL/du)."""
     cpu = lambda t: t.detach().cpu()
+    if teacher_ids.shape[1] == 0:  # K = 0: as one padding entry (the oracle wants a column)
+        n = teacher_ids.shape[0]
+        pad = torch.full((n, 1), -1, dtype=torch.long)
+        g0 = cpu(gathered).to(F64)
+        g1 = torch.cat([torch.zeros(n, 1, dtype=F64), g0], -1)
+        r = epilogue_ref(row_max, sums, g1, pad, torch.zeros(n, 1, dtype=F64), mask, labels,
+                         vocab_size, loss, support, weight, beta, rkl_ratio, skew,
+                         log_prob_min_clamp, loss_scale, with_entropy)
+        r.g_full, r.valid, r.q = r.g_full[:, :0], r.valid[:, :0], r.q[:, :0]
+        return r
     M = cpu(row_max).to(F64)
     st = cpu(sums).to(F64)
     rest, teach, dup, cols, ent = st.unbind(-1)
