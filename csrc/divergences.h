@@ -257,10 +257,14 @@ TD_HD double to_double(T v) { return static_cast<double>(static_cast<float>(v));
 // Computes one row's loss (the weighted sum of the terms), masses and g_k = dL/ds_k (written to
 // g[k], scaled by loss_scale). x: gathered teacher logits z/T (0 where the id is invalid), ids,
 // lp: teacher log-probs. All terms share the statistics, the clamp and the masses.
+// scratch: nullptr, or room for 2K doubles in which a renorm term keeps each bin's derivative
+// and probability between its two passes instead of recomputing the bin (the CPU passes one;
+// a CUDA lane has no per-entry storage to spare and recomputes).
 template <class Lanes, typename acc_t, typename id_t, typename lp_t>
 TD_HD RowResult epilogue_row(const Lanes& lanes, const LossTerms& terms, int64_t K,
                              const RowStats& st, bool counted, int64_t vocab_size,
-                             const acc_t* x, const id_t* ids, const lp_t* lp, double* g) {
+                             const acc_t* x, const id_t* ids, const lp_t* lp, double* g,
+                             double* scratch = nullptr) {
   RowResult res{0.0, 0.0, 0.0, std::log(st.rest + st.teach), 0.0, 0.0};
   const int64_t k0 = lanes.first(), dk = lanes.stride();
   for (int64_t k = k0; k < K; k += dk) g[k] = 0.0;
@@ -340,6 +344,10 @@ TD_HD RowResult epilogue_row(const Lanes& lanes, const LossTerms& terms, int64_t
       term_loss += bin.value;
       if (renorm) {
         sum_d += bin.d_logb;
+        if (scratch != nullptr) {
+          scratch[k] = bin.d_logb;
+          scratch[K + k] = std::exp(lb);
+        }
       } else if (!(clamp && s < c)) {  // through the clamp only where s_k >= c
         sum_g += bin.d_logb;
         g[k] += (w == 1.0 ? bin.d_logb : w * bin.d_logb) * loss_scale;
@@ -352,7 +360,7 @@ TD_HD RowResult epilogue_row(const Lanes& lanes, const LossTerms& terms, int64_t
     // the sum over the clamped bins: exactly 0 when nothing is clamped (renorm is then blind to
     // the non-teacher logits) instead of rounding noise on the scale of the largest d_k, which
     // can be enormous (teacher log-probs of -1e30 under RKL). The bins are recomputed rather
-    // than stored: no per-entry scratch, so terms can accumulate into g.
+    // than stored where no scratch is given (terms accumulate into g, so g cannot serve).
     if (renorm) {
       sum_d = lanes.sum(sum_d);
       double sum_clamped = 0.0;
@@ -360,10 +368,15 @@ TD_HD RowResult epilogue_row(const Lanes& lanes, const LossTerms& terms, int64_t
         const int64_t id = static_cast<int64_t>(ids[k]);
         if (id < 0 || id >= vocab_size) continue;
         const double s = (to_double(x[k]) - st.row_max) - res.log_sum;
-        const double l = to_double(lp[k]);
-        const double la = (clamp ? clamp_min(l, c) : l) - log_norm_a;
-        const double lb = (clamp ? clamp_min(s, c) : s) - log_norm_b;
-        const double gk = divergence_bin(la, lb, p).d_logb - std::exp(lb) * sum_d;
+        double gk;
+        if (scratch != nullptr) {
+          gk = scratch[k] - scratch[K + k] * sum_d;
+        } else {
+          const double l = to_double(lp[k]);
+          const double la = (clamp ? clamp_min(l, c) : l) - log_norm_a;
+          const double lb = (clamp ? clamp_min(s, c) : s) - log_norm_b;
+          gk = divergence_bin(la, lb, p).d_logb - std::exp(lb) * sum_d;
+        }
         if (clamp && s < c) {
           sum_clamped += gk;
           continue;

@@ -9,6 +9,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "../ops.h"
 
 namespace topk_distill {
@@ -35,10 +37,12 @@ void epilogue_kernel(const LossTerms& terms, const at::Tensor& row_max, const at
   acc_t* entropy_out = entropy.mutable_data_ptr<acc_t>();
   double* coefs_out = row_coefs.mutable_data_ptr<double>();
   double* g = grad.mutable_data_ptr<double>();
-  // ~64K entries per task: a [512, 64] batch stays on one thread, where waking a second one
-  // (busy elsewhere) would cost more than the whole epilogue.
+  // ~64K entry-terms per task: a [512, 64] batch stays on one thread, where waking a second one
+  // (busy elsewhere) would cost more than the whole epilogue (measured: ~7 ms on a loaded 2-core
+  // VM, against 1-2 ms of work).
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(K * terms.count, 1));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<double> scratch(terms.any_renorm ? 2 * K : 0);
     for (int64_t n = begin; n < end; ++n) {
       const acc_t* sn = s + kShardSums * n;
       const RowStats st{static_cast<double>(m[n]), static_cast<double>(sn[0]),
@@ -46,7 +50,8 @@ void epilogue_kernel(const LossTerms& terms, const at::Tensor& row_max, const at
                         static_cast<double>(sn[3]), static_cast<double>(sn[4])};
       const bool counted = mask == nullptr || mask[n];
       const RowResult r = epilogue_row(SerialLanes{}, terms, K, st, counted, vocab_size,
-                                       x + n * G, id + n * K, l + n * K, g + n * K);
+                                       x + n * G, id + n * K, l + n * K, g + n * K,
+                                       terms.any_renorm ? scratch.data() : nullptr);
       const RowExtras e = row_extras(st, r.log_sum, counted, labels != nullptr,
                                      labels != nullptr ? static_cast<int64_t>(labels[n]) : -1,
                                      vocab_size, labels != nullptr ? x[n * G + K] : acc_t(0),
