@@ -237,20 +237,27 @@ def _log_student_tail(logq: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor
 
 
 class _NaNGradWhereNotFinite(torch.autograd.Function):
-    """Identity whose backward makes the gradient NaN for every row whose value is inf or NaN
+    """``rows`` [N] -> the same values; in the backward, every row whose value is inf or NaN and
+    that receives a nonzero gradient sends an all-NaN gradient row to the logits ``z`` [N, V]
     (DECISIONS 15): such a row has no usable gradient, and autograd alone would hand out an
-    arbitrary mix of inf, NaN and finite numbers depending on how the formula is written."""
+    arbitrary mix of inf, NaN and finite numbers depending on how the formula is written. The
+    NaN row is added to whatever else reaches ``z``, so every column of the row is NaN - a -inf
+    logit's included - and good rows get 0 added."""
 
     @staticmethod
-    def forward(ctx, rows):
+    def forward(ctx, rows, z):
         ctx.save_for_backward(~torch.isfinite(rows))
+        ctx.z_shape = z.shape
         return rows.clone()
 
     @staticmethod
     def backward(ctx, grad):
         (bad,) = ctx.saved_tensors
         # A row that receives no gradient (masked, or left out by the caller) stays at 0.
-        return grad.masked_fill(bad & (grad != 0), float("nan"))
+        poisoned = bad & (grad != 0)
+        grad_z = torch.zeros(ctx.z_shape, dtype=grad.dtype, device=grad.device)
+        grad_z = grad_z.masked_fill(poisoned.unsqueeze(-1), float("nan"))
+        return grad.masked_fill(poisoned, float("nan")), grad_z
 
 
 # ----------------------------------------------------------------------------- tensor parallelism
@@ -330,16 +337,11 @@ def student_topk(logits, k, *, temperature=1.0, tp_group=None, vocab_start=None)
     return ids.reshape(*lead, k), logprobs.reshape(*lead, k)
 
 
-def _with_nan_gradient_rows(rows: torch.Tensor, z: torch.Tensor, live: torch.Tensor):
-    """``rows`` [N] whose non-finite rows get an all-NaN gradient row (DECISIONS 15), for rows in
-    ``live`` (others must already have no path to z). ``0 * sum(z)`` changes no finite value but
-    gives every row a path to every logit of its row, so the NaN reaches all of them even where
-    the inf/NaN came out of a branch that does not depend on the logits. A logit of -inf is a
-    valid input (probability 0) and is left out of that sum (0 * -inf would be NaN); +inf and NaN
-    logits make the row NaN, as the softmax is undefined."""
-    path = torch.where(live.unsqueeze(-1) & ~torch.isneginf(z), z, 0.0)
-    rows = rows + 0.0 * path.sum(-1)
-    return _NaNGradWhereNotFinite.apply(rows)
+def _with_nan_gradient_rows(rows: torch.Tensor, z: torch.Tensor):
+    """``rows`` [N] whose non-finite rows get an all-NaN gradient row in ``z`` (DECISIONS 15):
+    every column, a -inf logit's included, also where the inf / NaN came out of a branch that
+    does not depend on the logits. (A masked row's value is the constant 0: never poisoned.)"""
+    return _NaNGradWhereNotFinite.apply(rows, z)
 
 
 def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", support=UNSET,
@@ -436,7 +438,7 @@ def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", supp
         rows = rows * opts.temperature ** 2
     rows = torch.where(counted, rows, 0.0)  # masked rows: loss 0, gradient 0 (DECISIONS 10)
     rows = rows + torch.where(bad_row & counted, float("nan"), 0.0)
-    rows = _with_nan_gradient_rows(rows, zc, counted)
+    rows = _with_nan_gradient_rows(rows, zc)
 
     with torch.no_grad():
         student_mass = torch.where(valid, s.exp(), 0.0).sum(-1).float()
@@ -455,13 +457,13 @@ def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", supp
         bad = (y >= vocab) & counted  # only with check_inputs=False: NaN, never read
         lab = logq.gather(-1, torch.where(use, y, 0).unsqueeze(-1)).squeeze(-1)
         lab = torch.where(use, lab, 0.0) + torch.where(bad, float("nan"), 0.0)
-        extra["label_logprobs"] = _with_nan_gradient_rows(lab, zc, use | bad).reshape(lead)
+        extra["label_logprobs"] = _with_nan_gradient_rows(lab, zc).reshape(lead)
     if opts.return_entropy:  # SPEC 9.2: -sum q log q, with 0 log 0 = 0 (and a finite gradient)
         q = torch.exp(logq)
         zero = q == 0
         ent = -torch.where(zero, 0.0, q * torch.where(zero, 0.0, logq)).sum(-1)
         ent = torch.where(counted, ent, 0.0)
-        extra["entropy"] = _with_nan_gradient_rows(ent, zc, counted).reshape(lead)
+        extra["entropy"] = _with_nan_gradient_rows(ent, zc).reshape(lead)
     if opts.student_topk is not None:  # SPEC 9.4, DECISIONS 22, 23
         kk = opts.student_topk
         top_ids, top_lp = _topk_rows(z.detach(), kk, opts.temperature)  # every row, mask or not

@@ -185,7 +185,8 @@ void backward_kernel(const at::Tensor& logits, const RowLayout& in_layout, const
       // NaN / inf logits, a row whose loss is not finite (the epilogue's NaN dense_coef), an
       // invalid label or a NaN entropy with a gradient: the whole row is NaN (DECISIONS 15).
       const double shift = static_cast<double>(m[n]) + log_sum;
-      const double coef_total = (loss_part ? gl * dense_coef : 0.0) + gy + gh * entropy;
+      const double coef_total =
+          (loss_part ? gl * dense_coef : 0.0) + gy + (gh != 0.0 ? gh * entropy : 0.0);
       const double outside = loss_part ? gl * outside_coef : 0.0;
       if (!std::isfinite(shift) || std::isnan(coef_total) || std::isnan(outside)) {
         std::fill(o, o + V, static_cast<scalar_t>(std::nan("")));
