@@ -276,30 +276,41 @@ TD_HD RowResult epilogue_row(const Lanes& lanes, const LossTerms& terms, int64_t
   const double c = p0.clamp;
   const double loss_scale = p0.loss_scale;
 
-  // Pass 1: masses, invalid ids, and the renorm normalisers of the (clamped) bins.
+  // Pass 1: masses and invalid ids.
   double Q = 0.0, P = 0.0;
   bool invalid = false;
-  LogSumExp norm_a, norm_b;
   for (int64_t k = k0; k < K; k += dk) {
     const int64_t id = static_cast<int64_t>(ids[k]);
     if (id < 0) continue;
     if (id >= vocab_size) { invalid = true; continue; }
-    const double s = (to_double(x[k]) - st.row_max) - res.log_sum;
-    const double l = to_double(lp[k]);
-    Q += std::exp(s);
-    P += std::exp(l);
-    if (terms.any_renorm) {
-      norm_a.add(clamp ? clamp_min(l, c) : l);
-      norm_b.add(clamp ? clamp_min(s, c) : s);
-    }
+    Q += std::exp((to_double(x[k]) - st.row_max) - res.log_sum);
+    P += std::exp(to_double(lp[k]));
   }
   Q = lanes.sum(Q);
   P = lanes.sum(P);
   invalid = lanes.any(invalid);
+  // The renorm normalisers, log sum over the valid bins of exp(clamped log-prob): without a
+  // clamp simply log Q and log P, unless a sum is so small (or 0) that its log loses precision
+  // in double; then, and with a clamp, a streaming log-sum-exp over the entries.
   double log_norm_a = 0.0, log_norm_b = 0.0;
   if (terms.any_renorm) {
-    log_norm_a = lanes.merge(norm_a).value();
-    log_norm_b = lanes.merge(norm_b).value();
+    constexpr double kTiny = 1e-280;
+    if (!clamp && Q > kTiny && P > kTiny) {
+      log_norm_a = std::log(P);
+      log_norm_b = std::log(Q);
+    } else {
+      LogSumExp norm_a, norm_b;
+      for (int64_t k = k0; k < K; k += dk) {
+        const int64_t id = static_cast<int64_t>(ids[k]);
+        if (id < 0 || id >= vocab_size) continue;
+        const double s = (to_double(x[k]) - st.row_max) - res.log_sum;
+        const double l = to_double(lp[k]);
+        norm_a.add(clamp ? clamp_min(l, c) : l);
+        norm_b.add(clamp ? clamp_min(s, c) : s);
+      }
+      log_norm_a = lanes.merge(norm_a).value();
+      log_norm_b = lanes.merge(norm_b).value();
+    }
   }
 
   // The row's "outside" bin: the student's mass beyond the valid teacher entries, u = 1 - Q.
