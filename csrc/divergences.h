@@ -434,6 +434,17 @@ struct RowExtras {
   double entropy_factor;  // 1, or 0 (masked, not asked for)
 };
 
+// A row's row_coefs (what the backward needs; the layout is the epilogue's schema in
+// csrc/registration.cpp).
+TD_HD void write_row_coefs(double* c, const RowResult& r, const RowExtras& e) {
+  c[0] = r.log_sum;
+  c[1] = r.dense_coef;
+  c[2] = r.outside_coef;
+  c[3] = e.entropy;
+  c[4] = e.label_factor;
+  c[5] = e.entropy_factor;
+}
+
 template <typename acc_t>
 TD_HD RowExtras row_extras(const RowStats& st, double log_sum, bool counted, bool has_label,
                            int64_t label, int64_t vocab_size, acc_t label_x, bool with_entropy) {

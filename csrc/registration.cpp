@@ -1,6 +1,6 @@
 // The one TORCH_LIBRARY of topk-distill: every op's schema, with what it means.
 //
-// A loss call is three steps (see ARCHITECTURE in the README):
+// A loss call is three steps (docs/DESIGN.md):
 //   1. shard_pass  - reads this rank's logits once: row max, sums of exp, teacher and label
 //                    logits, the entropy sum and the student's top-k when asked.
 //   2. epilogue    - after the (optional) TP collectives: per-row loss, masses and

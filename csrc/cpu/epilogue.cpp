@@ -61,13 +61,7 @@ void epilogue_kernel(const LossTerms& terms, const at::Tensor& row_max, const at
       p_out[n] = static_cast<float>(r.teacher_mass);
       label_out[n] = static_cast<acc_t>(e.label_logprob);
       entropy_out[n] = static_cast<acc_t>(e.entropy);
-      double* c = coefs_out + kRowCoefs * n;
-      c[0] = r.log_sum;
-      c[1] = r.dense_coef;
-      c[2] = r.outside_coef;
-      c[3] = e.entropy;
-      c[4] = e.label_factor;
-      c[5] = e.entropy_factor;
+      write_row_coefs(coefs_out + kRowCoefs * n, r, e);
     }
   });
 }

@@ -49,6 +49,11 @@ inline int threads_for(int64_t cols, int vec) {
   return packs >= 2048 ? kMaxStreamThreads : 128;
 }
 
+// Blocks per SM the streaming kernels (shard pass, backward) are built for (__launch_bounds__'s
+// second argument): four of 256 threads (64 registers each), two for fp64 (128 registers).
+template <typename scalar_t>
+constexpr int stream_min_blocks() { return sizeof(scalar_t) == 8 ? 2 : 4; }
+
 inline unsigned grid_for(int64_t work_items) {
   return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(work_items, 1), int64_t(1) << 30));
 }

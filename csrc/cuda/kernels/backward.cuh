@@ -44,8 +44,6 @@ TD_CUDA_NAMESPACE_BEGIN
 // registers); fp64 two (128 registers).
 constexpr int kBackwardMaxThreads = kMaxStreamThreads;
 static_assert(kBackwardMaxThreads == 256, "the launch bounds below assume 256");
-template <typename scalar_t>
-constexpr int backward_min_blocks() { return sizeof(scalar_t) == 8 ? 2 : 4; }
 
 template <typename scalar_t, typename id_t>
 struct BackwardArgs {
@@ -231,7 +229,7 @@ constexpr int64_t kRowCoefsPerRow = 6;  // (csrc/ops.h kRowCoefs)
 constexpr uint32_t kFlagRepeat = 1u, kFlagAnyG = 2u, kFlagLabelHit = 4u;
 
 template <typename scalar_t, typename id_t, bool kEntGrad>
-__global__ void __launch_bounds__(kBackwardMaxThreads, backward_min_blocks<scalar_t>())
+__global__ void __launch_bounds__(kBackwardMaxThreads, stream_min_blocks<scalar_t>())
     backward_kernel(const BackwardArgs<scalar_t, id_t> a) {
   using acc_t = acc_of<scalar_t>;
   constexpr int VEC = vec_of<scalar_t>();

@@ -71,13 +71,7 @@ __device__ __forceinline__ void epilogue_one_row(const Lanes& lanes,
     a.teacher_mass[n] = static_cast<float>(r.teacher_mass);
     a.label_logprobs[n] = static_cast<acc_t>(e.label_logprob);
     a.entropy[n] = static_cast<acc_t>(e.entropy);
-    double* c = a.row_coefs + n * kEpilogueRowCoefs;
-    c[0] = r.log_sum;
-    c[1] = r.dense_coef;
-    c[2] = r.outside_coef;
-    c[3] = e.entropy;
-    c[4] = e.label_factor;
-    c[5] = e.entropy_factor;
+    write_row_coefs(a.row_coefs + n * kEpilogueRowCoefs, r, e);
   }
 }
 

@@ -52,8 +52,6 @@ TD_CUDA_NAMESPACE_BEGIN
 // fp64 (not budgeted; its libdevice exp2 alone needs more) gets two blocks, 128 registers.
 constexpr int kShardPassMaxThreads = kMaxStreamThreads;
 static_assert(kShardPassMaxThreads == 256, "the launch bounds below assume 256");
-template <typename scalar_t>
-constexpr int shard_pass_min_blocks() { return sizeof(scalar_t) == 8 ? 2 : 4; }
 constexpr int kShardCombineThreads = 128;
 constexpr int kPartialFields = 8;  // m, rest, all, ent, distinct columns, NaN, repeat, (spare)
 
@@ -397,7 +395,7 @@ __device__ __forceinline__ void finalize_row(const ShardArgs<scalar_t, id_t>& a,
 }
 
 template <typename scalar_t, typename id_t, bool kEnt>
-__global__ void __launch_bounds__(kShardPassMaxThreads, shard_pass_min_blocks<scalar_t>())
+__global__ void __launch_bounds__(kShardPassMaxThreads, stream_min_blocks<scalar_t>())
     shard_pass_kernel(const ShardArgs<scalar_t, id_t> a) {
   using acc_t = acc_of<scalar_t>;
   const smem_ptr<uint32_t> bm = dynamic_shared_memory<uint32_t>();
