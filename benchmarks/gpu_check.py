@@ -15,7 +15,8 @@ under ~9 minutes on one H100 / H200:
                    reaches every kernel and path (--sanitizer-workload: split rows, unaligned
                    rows, in place, warp and block epilogues, every dtype)
   5. benchmark     python -m benchmarks.cuda_bench --quick, then python -m benchmarks.features
-                   --device cuda (labels / entropy / mixture / student top-k / layout costs)
+                   --device cuda (labels / entropy / mixture / student top-k / layout costs) and
+                   python -m benchmarks.repeated_ids --device cuda (a repeated id's cost)
   6. summary       DIR/summary.json and DIR/summary.md: each step's status, time and the numbers
 
 Logs of each step go to DIR too - 7 files in all (the device tool brings back at most 8):
@@ -39,8 +40,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 # (name, seconds) - the per-step limits; their sum stays under the device tool's 10-minute call.
-STEP_LIMITS = {"environment": 30, "build": 180, "tests": 120, "sanitizer": 90, "benchmark": 90,
-               "features": 60}
+STEP_LIMITS = {"environment": 30, "build": 165, "tests": 120, "sanitizer": 90, "benchmark": 90,
+               "features": 60, "repeated_ids": 15}
 
 GPU_TESTS = [
     "tests/test_cuda_kernels.py", "tests/test_losses.py", "tests/test_ops.py",
@@ -185,6 +186,11 @@ def main(argv=None):
     features = REPO / "benchmarks" / "results" / "features_cuda.json"
     if features.exists():
         summary["features"] = json.loads(features.read_text())
+    steps["repeated_ids"] = run([py, "-m", "benchmarks.repeated_ids", "--device", "cuda"],
+                                out / "benchmark.log", STEP_LIMITS["repeated_ids"], env=env)
+    repeated = REPO / "benchmarks" / "results" / "repeated_ids_cuda.json"
+    if repeated.exists():
+        summary["repeated_ids"] = json.loads(repeated.read_text())
 
     # 6. summary
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -197,6 +203,7 @@ def main(argv=None):
         lines.append(f"| compute-sanitizer {tool} | {status} | {secs} |")
     lines.append(f"| benchmark | {steps['benchmark'][0]} | {steps['benchmark'][1]} |")
     lines.append(f"| features | {steps['features'][0]} | {steps['features'][1]} |")
+    lines.append(f"| repeated_ids | {steps['repeated_ids'][0]} | {steps['repeated_ids'][1]} |")
     lines += ["", "## tests (tail)", "", "```", tail(out / "tests.log"), "```"]
     if bench.with_suffix(".md").exists():
         lines += ["", "## benchmark", "", bench.with_suffix(".md").read_text()]

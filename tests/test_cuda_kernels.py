@@ -20,7 +20,6 @@ capture and the forward's memory footprint.
 """
 import contextlib
 import math
-import time
 
 import pytest
 import torch
@@ -553,40 +552,20 @@ def test_shard_pass_3d_topk_chunks_within_and_across_b(dev, monkeypatch):
         check_shard_pass(dev, view.cpu(), ids, topk=6, z_dev=view)
 
 
-def _timed(fn, reps=2):
-    best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def test_duplicates_cost_is_not_quadratic(dev):
-    """K = 4096 with one repeated id per row: O(K log K) (a sort) instead of an O(K^2) scan, so
-    it costs about what a row without a repeat costs (shard pass and backward)."""
+def test_large_k_with_a_repeated_id(dev):
+    """K = 4096 with one repeated id per row, its copies as far apart as can be: the sorted-ids
+    resolution (O(K log K); the O(K^2) scan it replaced) is right in the shard pass and the
+    backward. What it costs is measured, not asserted: python -m benchmarks.repeated_ids."""
     n, v, k = 8, 5000, 4096
     g = torch.Generator().manual_seed(0)
     z = torch.randn(n, v, generator=g)
     ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
     rep = ids.clone()
-    rep[:, -1] = rep[:, 0]  # one repeat per row, its copies as far apart as can be
+    rep[:, -1] = rep[:, 0]
     for i in (ids, rep):
         check_shard_pass(dev, z, i)
-    zd = dev.to(z)
-    idd, repd = dev.to(ids), dev.to(rep)
-    sp = dev.op("shard_pass")
-    t_plain = _timed(lambda: sp(zd, idd, None, 0, 1.0, False, 0))
-    t_rep = _timed(lambda: sp(zd, repd, None, 0, 1.0, False, 0))
-    assert t_rep < 2.0 * t_plain + 0.05, (t_rep, t_plain)
     row_max, coefs, gg = forward_stats(z, rep, torch.full((n, k), -9.0), v)
-    gl = torch.ones(n)
-    check_backward(dev, z, rep, None, row_max, coefs, gg, gl, None, None)
-    args = [dev.to(x) for x in (row_max, coefs, gg, gl)]
-    bw = dev.op("backward")
-    t_plain = _timed(lambda: bw(zd, idd, None, *args, None, None, 0, 1.0))
-    t_rep = _timed(lambda: bw(zd, repd, None, *args, None, None, 0, 1.0))
-    assert t_rep < 2.0 * t_plain + 0.05, (t_rep, t_plain)
+    check_backward(dev, z, rep, None, row_max, coefs, gg, torch.ones(n), None, None)
 
 
 # ---------------------------------------------------------------------------------------------
