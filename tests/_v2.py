@@ -7,6 +7,7 @@ the gradient of a weighted sum of the differentiable outputs (loss, label_logpro
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -107,3 +108,22 @@ def assert_same(a: Result, b: Result, what=""):
     assert (a.grad is None) == (b.grad is None), f"{what}: gradient present in one only"
     if a.grad is not None:
         assert equal_nan(a.grad, b.grad), f"{what}: grad differs"
+
+
+def expected_overlap(z, ids, l, top_ids, mask, clamp, T):
+    """Per-entry loop (SPEC 9.4, DECISIONS 23): the entries that count (valid id, row not
+    masked) whose id is among the student's top-k, and the mean of -exp(l')(l' - s') over them
+    (0 * (-inf) = 0)."""
+    logq = torch.log_softmax(z.double() / T, -1)
+    counts, advs = [], []
+    for r in range(z.shape[0]):
+        terms = []
+        for i, lk in zip(ids[r].tolist(), l[r].tolist()):
+            if not mask[r] or i < 0 or i not in top_ids[r].tolist():
+                continue
+            s = logq[r, i].item()
+            lc, sc = (lk, s) if clamp is None else (max(lk, clamp), max(s, clamp))
+            terms.append(0.0 if lc == -math.inf else -math.exp(lc) * (lc - sc))
+        counts.append(len(terms))
+        advs.append(sum(terms) / len(terms) if terms else 0.0)
+    return torch.tensor(counts), torch.tensor(advs, dtype=F64)

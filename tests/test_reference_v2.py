@@ -23,6 +23,7 @@ import topk_distill as td  # noqa: E402
 from topk_distill import reference  # noqa: E402
 from topk_distill._types import Term, TopKDistillOutput  # noqa: E402
 from topk_distill._validate import UNSET, validate_args, validate_options  # noqa: E402
+from _v2 import expected_overlap  # noqa: E402
 
 ref = reference.topk_distill_loss
 LOSSES = ["fkl", "rkl", "jsd", "fkl+rkl", "tvd", "skl", "srkl"]
@@ -393,24 +394,6 @@ def test_student_topk_against_torch_topk_and_planted_ties(dtype):
     assert out.overlap_count[0, 1] == 0 and out.overlap_count[1, 0] == 0
 
 
-def _expected_overlap(z, ids, l, top_ids, mask, clamp, T):
-    """Per-entry loop: count the entries that count whose id is in the student's top-k, and the
-    mean of -exp(l')(l' - s') over them (0 * (-inf) = 0)."""
-    logq = torch.log_softmax(z.double() / T, -1)
-    counts, advs = [], []
-    for r in range(z.shape[0]):
-        terms = []
-        for i, lk in zip(ids[r].tolist(), l[r].tolist()):
-            if not mask[r] or i < 0 or i not in top_ids[r].tolist():
-                continue
-            s = logq[r, i].item()
-            lc, sc = (lk, s) if clamp is None else (max(lk, clamp), max(s, clamp))
-            terms.append(0.0 if lc == -INF else -math.exp(lc) * (lc - sc))
-        counts.append(len(terms))
-        advs.append(sum(terms) / len(terms) if terms else 0.0)
-    return torch.tensor(counts), torch.tensor(advs, dtype=F64)
-
-
 @pytest.mark.parametrize("clamp", [None, -2.0])
 def test_overlap_against_a_direct_recomputation(clamp):
     T = 0.9
@@ -422,7 +405,7 @@ def test_overlap_against_a_direct_recomputation(clamp):
     mask[6] = False
     out = ref(z, ids, lp, student_topk=3, temperature=T, log_prob_min_clamp=clamp, mask=mask,
               reduction="none")
-    count, adv = _expected_overlap(z, ids, lp, out.student_topk_ids, mask, clamp, T)
+    count, adv = expected_overlap(z, ids, lp, out.student_topk_ids, mask, clamp, T)
     assert out.overlap_count.dtype == torch.int64 and out.overlap_token_advantage.dtype == torch.float32
     assert torch.equal(out.overlap_count, count)
     torch.testing.assert_close(out.overlap_token_advantage.double(), adv, rtol=1e-6, atol=1e-7)
@@ -490,7 +473,7 @@ def test_missing_floor_counts_in_the_overlap_with_the_clamp():
     out = ref(z, ids, lp_nan, missing_teacher="floor", log_prob_min_clamp=c, student_topk=9,
               reduction="none")  # k = V: every entry that counts overlaps
     floored = torch.where(miss, c, lp_nan)
-    count, adv = _expected_overlap(z, ids, floored, out.student_topk_ids,
+    count, adv = expected_overlap(z, ids, floored, out.student_topk_ids,
                                    torch.ones(6, dtype=torch.bool), c, 1.0)
     assert torch.equal(out.overlap_count, count) and count[5] == 4
     torch.testing.assert_close(out.overlap_token_advantage.double(), adv, rtol=1e-6, atol=1e-7)

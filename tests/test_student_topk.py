@@ -14,7 +14,7 @@ import topk_distill as td
 from topk_distill import reference
 
 from _inputs import DEVICES, LOSSES, SUPPORTS, assert_close, tdev, teacher_batch
-from _v2 import F32, F64, compare, equal_nan, run
+from _v2 import F32, F64, compare, equal_nan, expected_overlap, run
 
 ref = reference.topk_distill_loss
 BF16, F16 = torch.bfloat16, torch.float16
@@ -167,25 +167,6 @@ def test_k_bounds_and_errors(device):
 
 
 # ----------------------------------------------------------------------------- overlap
-
-def expected_overlap(z, ids, l, top_ids, mask, clamp, T):
-    """Per-entry loop (SPEC 9.4, DECISIONS 23): the entries that count (valid id, row not
-    masked) whose id is among the student's top-k, and the mean of -exp(l')(l' - s') over them
-    (0 * (-inf) = 0)."""
-    logq = torch.log_softmax(z.double() / T, -1)
-    counts, advs = [], []
-    for r in range(z.shape[0]):
-        terms = []
-        for i, lk in zip(ids[r].tolist(), l[r].tolist()):
-            if not mask[r] or i < 0 or i not in top_ids[r].tolist():
-                continue
-            s = logq[r, i].item()
-            lc, sc = (lk, s) if clamp is None else (max(lk, clamp), max(s, clamp))
-            terms.append(0.0 if lc == -INF else -math.exp(lc) * (lc - sc))
-        counts.append(len(terms))
-        advs.append(sum(terms) / len(terms) if terms else 0.0)
-    return torch.tensor(counts), torch.tensor(advs, dtype=F64)
-
 
 def overlap_batch(device, seed=4):
     """Rows with duplicated ids, padding, an all-padding row, a -inf teacher log-prob on an id

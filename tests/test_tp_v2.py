@@ -245,6 +245,21 @@ INT_FIELDS = ("student_topk_ids", "overlap_count")
 VALUE_FIELDS = ("loss", "label_logprobs", "entropy")
 
 
+def _check_outputs(out, first, unsharded, oracle, value_dtype, what):
+    """Every output field of one rank: bitwise the same as on the group's first rank (replicated),
+    equal to the unsharded call's and the oracle's (ids and counts exactly)."""
+    for name in TopKDistillOutput._fields:
+        a = getattr(out, name)
+        assert equal_nan(a, getattr(first, name)), f"{what} {name} differs by rank"
+        for label, want in (("unsharded", unsharded), ("oracle", oracle)):
+            b = getattr(want, name)
+            if name in INT_FIELDS:
+                assert torch.equal(a, b), f"{what} {name} vs {label}:\n{a}\n{b}"
+            else:
+                dt = value_dtype if name in VALUE_FIELDS else F32
+                assert_close(a, b, dt, f"{what} {name} vs {label}")
+
+
 @pytest.mark.parametrize("backend", ["native", "emulated_cuda"])
 @pytest.mark.parametrize("size", [2, 3, 4])
 def test_new_outputs_under_tp_match_unsharded_and_oracle(size, backend):
@@ -266,17 +281,7 @@ def test_new_outputs_under_tp_match_unsharded_and_oracle(size, backend):
                 out, grad = results[rank]["values"][case]
                 lo, w = _starts(split)[grank], split["widths"][grank]
                 what = f"TP{size} {split} rank {rank} config {ci} {dtype_name}"
-                for name in TopKDistillOutput._fields:
-                    a = getattr(out, name)
-                    # replicated: bitwise the same on every rank of the group
-                    assert equal_nan(a, getattr(first[0], name)), f"{what} {name} differs by rank"
-                    for label, want in (("unsharded", unsharded), ("oracle", oracle)):
-                        b = getattr(want[0], name)
-                        if name in INT_FIELDS:
-                            assert torch.equal(a, b), f"{what} {name} vs {label}:\n{a}\n{b}"
-                        else:
-                            dt = value_dtype if name in VALUE_FIELDS else F32
-                            assert_close(a, b, dt, f"{what} {name} vs {label}")
+                _check_outputs(out, first[0], unsharded[0], oracle[0], value_dtype, what)
                 for label, want in (("unsharded", unsharded), ("oracle", oracle)):
                     assert_close_rowwise(grad, want[1][:, lo:lo + w], dtype,
                                          f"{what} grad vs {label}")
@@ -311,16 +316,7 @@ def test_fused_linear_under_tp_matches_unsharded_and_oracle(size, backend):
                 out, (gh, gw, gb) = results[rank]["fused"][case]
                 lo, w = _starts(split)[grank], split["widths"][grank]
                 what = f"fused TP{size} {split} rank {rank} {dtype_name}"
-                for name in TopKDistillOutput._fields:
-                    a = getattr(out, name)
-                    assert equal_nan(a, getattr(first[0], name)), f"{what} {name} differs by rank"
-                    for label, want in (("unsharded", unsharded), ("oracle", oracle)):
-                        b = getattr(want[0], name)
-                        if name in INT_FIELDS:
-                            assert torch.equal(a, b), f"{what} {name} vs {label}"
-                        else:
-                            dt = value_dtype if name in VALUE_FIELDS else F32
-                            assert_close(a, b, dt, f"{what} {name} vs {label}")
+                _check_outputs(out, first[0], unsharded[0], oracle[0], value_dtype, what)
                 for label, want in (("unsharded", unsharded), ("oracle", oracle)):
                     assert_close(gw, want[1][1][lo:lo + w], dtype, f"{what} grad_weight {label}")
                     assert_close(gb, want[1][2][lo:lo + w], dtype, f"{what} grad_bias {label}")

@@ -469,19 +469,11 @@ def fused_linear_topk_distill_loss(
     (out, student_mass, teacher_mass, label_lp, entropy, top_ids, top_lp, ov_count,
      ov_adv) = _FusedLinearTopKDistill.apply(hidden2d, weight, bias, ids2d, lp2d, mask1d,
                                              labels1d, count, cfg)
-    extra = {}
-    if labels is not None:
-        extra["label_logprobs"] = label_lp.view(lead_shape)
-    if opts.return_entropy:
-        extra["entropy"] = entropy.view(lead_shape)
-    if opts.student_topk is not None:
-        kk = opts.student_topk
-        extra.update(student_topk_ids=top_ids.view(*lead_shape, kk),
-                     student_topk_logprobs=top_lp.view(*lead_shape, kk),
-                     overlap_count=ov_count.view(lead_shape),
-                     overlap_token_advantage=ov_adv.view(lead_shape))
-    return TopKDistillOutput(out, student_mass.view(lead_shape), teacher_mass.view(lead_shape),
-                             **extra)
+    return losses._output(
+        out, lead_shape, student_mass, teacher_mass,
+        label_logprobs=label_lp if labels is not None else None,
+        entropy=entropy if opts.return_entropy else None,
+        topk=(top_ids, top_lp, ov_count, ov_adv) if opts.student_topk is not None else None)
 
 
 class FusedLinearTopKDistillLoss(nn.Module):

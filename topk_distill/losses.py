@@ -265,17 +265,29 @@ def topk_distill_loss(
         count_rows = n if mask1d is None else mask1d.sum()
         out_loss = loss_rows.sum() / (count_rows.clamp_min(1) if torch.is_tensor(count_rows)
                                       else max(count_rows, 1))
+    return _output(out_loss, lead, student_mass, teacher_mass,
+                   label_logprobs=label_lp if labels is not None else None,
+                   entropy=entropy if args.return_entropy else None,
+                   topk=(top_ids, top_lp, count, adv) if args.student_topk is not None else None)
+
+
+def _output(loss, lead, student_mass, teacher_mass, *, label_logprobs=None, entropy=None,
+            topk=None) -> TopKDistillOutput:
+    """The output with every per-row tensor viewed as ``lead`` (the logits' leading shape); an
+    output not asked for is None. ``topk``: the rows' (ids [N, k], log-probs [N, k],
+    overlap_count [N], overlap_token_advantage [N]) or None. Shared with the fused LM head."""
     extra = {}
-    if labels is not None:
-        extra["label_logprobs"] = label_lp.view(lead)
-    if args.return_entropy:
+    if label_logprobs is not None:
+        extra["label_logprobs"] = label_logprobs.view(lead)
+    if entropy is not None:
         extra["entropy"] = entropy.view(lead)
-    if args.student_topk is not None:
-        kk = args.student_topk
-        extra.update(student_topk_ids=top_ids.view(*lead, kk),
-                     student_topk_logprobs=top_lp.view(*lead, kk),
-                     overlap_count=count.view(lead), overlap_token_advantage=adv.view(lead))
-    return TopKDistillOutput(out_loss, student_mass.view(lead), teacher_mass.view(lead), **extra)
+    if topk is not None:
+        ids, logprobs, count, advantage = topk
+        k = ids.shape[-1]
+        extra.update(student_topk_ids=ids.view(*lead, k),
+                     student_topk_logprobs=logprobs.view(*lead, k),
+                     overlap_count=count.view(lead), overlap_token_advantage=advantage.view(lead))
+    return TopKDistillOutput(loss, student_mass.view(lead), teacher_mass.view(lead), **extra)
 
 
 def student_topk(logits: Tensor, k: int, *, temperature: float = 1.0, tp_group=None,
