@@ -92,6 +92,16 @@ def environment(device: torch.device, module: str = "benchmarks",
     }
 
 
+def write_results(stem: str, doc: dict, markdown: str) -> Path:
+    """benchmarks/results/<stem>.json (``doc``) and .md (``markdown``); returns the .json path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{stem}.json"
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return out
+
+
 def _loadavg():
     """1-minute load average (a shared machine's background load makes timings noisy)."""
     try:

@@ -21,7 +21,6 @@ Writes benchmarks/results/features_<device>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
@@ -158,11 +157,7 @@ def main(argv=None):
     device = common.pick_device(args.device)
     rows = run(args.n, args.v, args.k, args.reps, args.warmup, device)
     doc = {"environment": common.environment(device, "benchmarks.features", argv), "rows": rows}
-    common.RESULTS.mkdir(parents=True, exist_ok=True)
-    out = common.RESULTS / f"features_{device.type}.json"
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(doc))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    common.write_results(f"features_{device.type}", doc, markdown(doc))
     return 0
 
 

@@ -16,7 +16,6 @@ Writes benchmarks/results/repeated_ids_<device>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
@@ -102,11 +101,7 @@ def main(argv=None):
     rows = run(args.n, args.v, args.k, args.reps, args.warmup, device)
     doc = {"environment": common.environment(device, "benchmarks.repeated_ids", argv),
            "rows": rows}
-    common.RESULTS.mkdir(parents=True, exist_ok=True)
-    out = common.RESULTS / f"repeated_ids_{device.type}.json"
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(doc))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    common.write_results(f"repeated_ids_{device.type}", doc, markdown(doc))
     return 0
 
 
