@@ -438,12 +438,8 @@ def fused_linear_topk_distill_loss(
             missing_teacher=opts.missing_teacher)
     except ValueError as e:  # the layout check says "logits"; here the rows are hidden's
         raise ValueError(str(e).replace("logits:", "hidden:")) from None
-    if opts.student_topk is not None:
-        _validate.check_k_fits("student_topk", opts.student_topk, vocab_size)
-    if opts.missing_teacher == "drop":
-        ids2d = torch.where(torch.isnan(lp2d) & (ids2d < vocab_size), -1, ids2d)
-    elif opts.missing_teacher == "floor":
-        lp2d = torch.where(torch.isnan(lp2d), float("-inf"), lp2d)
+    ids2d, lp2d, loss_cfg = losses._after_layout(opts, ids2d, lp2d, group_name, start,
+                                                 vocab_size, inplace_backward=False)
 
     if chunk_size is None or group_name is not None:
         local_auto = auto_chunk_size(max(n, 1), v_local, hidden.dtype, hidden.device)
@@ -460,10 +456,6 @@ def fused_linear_topk_distill_loss(
     if opts.reduction == "mean":
         count = (torch.tensor(max(n, 1), device=hidden.device) if mask1d is None
                  else mask1d.sum().clamp_min(1))
-    loss_cfg = losses._Config(
-        group_name, start, vocab_size, 1.0 / opts.temperature, losses._terms_of(opts),
-        opts.log_prob_min_clamp, opts.temperature ** 2 if opts.t2_scale else 1.0,
-        opts.return_entropy, opts.student_topk or 0, False)
     cfg = dict(needs=needs, chunk_size=chunk_size, loss_cfg=loss_cfg, reduction=opts.reduction,
                weight_grad_fp32=weight_grad_fp32)
     (out, student_mass, teacher_mass, label_lp, entropy, top_ids, top_lp, ov_count,

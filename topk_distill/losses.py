@@ -149,9 +149,22 @@ def _logits_rows(logits: Tensor, v_local: int) -> Tensor:
     return rows if rows is not None else logits.reshape(-1, v_local).contiguous()
 
 
-def _terms_of(opts) -> Tuple[Tuple[str, str, float, float, float, float], ...]:
-    return tuple((t.loss, t.support, float(t.weight), float(t.beta), float(t.rkl_ratio),
-                  float(t.skew)) for t in opts.terms)
+def _after_layout(opts, ids2d, lp2d, group_name, start, vocab_size, *, inplace_backward):
+    """Once the full vocab size is known (shared with the fused LM head): ``student_topk <= V``,
+    the ``missing_teacher`` mode applied to the teacher tensors (SPEC 9.5), and the call's
+    _Config. Returns (ids2d, lp2d, cfg)."""
+    if opts.student_topk is not None:
+        _validate.check_k_fits("student_topk", opts.student_topk, vocab_size)
+    if opts.missing_teacher == "drop":  # the entry is padding (an id >= V still poisons its row)
+        ids2d = torch.where(torch.isnan(lp2d) & (ids2d < vocab_size), -1, ids2d)
+    elif opts.missing_teacher == "floor":  # probability 0; the clamp lifts its bin to c
+        lp2d = torch.where(torch.isnan(lp2d), float("-inf"), lp2d)
+    terms = tuple((t.loss, t.support, float(t.weight), float(t.beta), float(t.rkl_ratio),
+                   float(t.skew)) for t in opts.terms)
+    cfg = _Config(group_name, start, vocab_size, 1.0 / opts.temperature, terms,
+                  opts.log_prob_min_clamp, opts.temperature ** 2 if opts.t2_scale else 1.0,
+                  opts.return_entropy, opts.student_topk or 0, inplace_backward)
+    return ids2d, lp2d, cfg
 
 
 def topk_distill_loss(
@@ -244,16 +257,8 @@ def topk_distill_loss(
     group_name, start, vocab_size = parallel.layout_and_checks(
         tp_group, n, k, v_local, vocab_start, ids2d, lp2d, mask1d, check_inputs=check_inputs,
         device=logits.device, labels=labels1d, missing_teacher=args.missing_teacher)
-    if args.student_topk is not None:
-        _validate.check_k_fits("student_topk", args.student_topk, vocab_size)
-    if args.missing_teacher == "drop":  # the entry is padding (an id >= V still poisons its row)
-        ids2d = torch.where(torch.isnan(lp2d) & (ids2d < vocab_size), -1, ids2d)
-    elif args.missing_teacher == "floor":  # probability 0; the clamp lifts its bin to c
-        lp2d = torch.where(torch.isnan(lp2d), float("-inf"), lp2d)
-
-    cfg = _Config(group_name, start, vocab_size, 1.0 / args.temperature, _terms_of(args),
-                  args.log_prob_min_clamp, args.temperature ** 2 if args.t2_scale else 1.0,
-                  args.return_entropy, args.student_topk or 0, args.inplace_backward)
+    ids2d, lp2d, cfg = _after_layout(args, ids2d, lp2d, group_name, start, vocab_size,
+                                     inplace_backward=args.inplace_backward)
     (loss_rows, student_mass, teacher_mass, label_lp, entropy, top_ids, top_lp, count,
      adv) = _TopKDistillFunction.apply(rows, ids2d, lp2d, mask1d, labels1d, cfg)
 
