@@ -14,12 +14,11 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 from _dist_utils import run_distributed  # noqa: E402
+from _inputs import LOSSES, SUPPORTS  # noqa: E402
 from topk_distill import reference  # noqa: E402
 from topk_distill._validate import validate_options  # noqa: E402
 
 ref = reference.topk_distill_loss
-LOSSES = ["fkl", "rkl", "jsd", "fkl+rkl", "tvd", "skl", "srkl"]
-SUPPORTS = ["topk", "renorm", "tail"]
 F64 = torch.float64
 INF = float("inf")
 

@@ -24,10 +24,9 @@ from topk_distill import reference  # noqa: E402
 from topk_distill._types import Term, TopKDistillOutput  # noqa: E402
 from topk_distill._validate import UNSET, validate_args, validate_options  # noqa: E402
 from _v2 import expected_overlap  # noqa: E402
+from _inputs import LOSSES, SUPPORTS  # noqa: E402
 
 ref = reference.topk_distill_loss
-LOSSES = ["fkl", "rkl", "jsd", "fkl+rkl", "tvd", "skl", "srkl"]
-SUPPORTS = ["topk", "renorm", "tail"]
 F64 = torch.float64
 INF = float("inf")
 NAN = float("nan")
