@@ -240,6 +240,23 @@ def test_fsdp_dropin_rejects_mismatched_teacher(verl):
         tdv.fsdp_compute_forward_kl_topk(z, lp, _packed(ids), _config(verl, None, 8), "thd")
 
 
+def test_fsdp_dropin_refuses_nested_teachers_values_would_misread(verl):
+    """Strided nested, or jagged whose values() hold rows outside it (lengths()): a TypeError naming
+    the argument (the library's own nested-tensor checks), never a silent misread."""
+    lp, ids = _teacher(8, seed=1)
+    z = _logits((1, sum(LENS), V), seed=1)
+    cfg = _config(verl, None, 8)
+    strided = torch.nested.nested_tensor([t for t in lp.unbind()])
+    with pytest.raises(TypeError, match="^teacher_topk_log_probs is a nested tensor with layout"):
+        tdv.fsdp_compute_forward_kl_topk(z, strided, torch.nested.nested_tensor(
+            [t for t in ids.unbind()]), cfg, "thd")
+    holes = [torch.nested.nested_tensor_from_jagged(t.values(), t.offsets(),  # 2 tokens each
+                                                    lengths=torch.full((len(LENS),), 2))
+             for t in (lp, ids)]
+    with pytest.raises(TypeError, match="^teacher_topk_log_probs is a non-contiguous jagged"):
+        tdv.fsdp_compute_forward_kl_topk(z, *holes, cfg, "thd")
+
+
 # ----------------------------------------------------------------------------- Megatron pieces
 
 @pytest.mark.parametrize("clamp", [-6.0, -2.0, -200.0])

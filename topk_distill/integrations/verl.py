@@ -43,6 +43,7 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import Tensor
 
+from .. import _layout
 from ..losses import topk_distill_loss
 from .megatron import megatron_tp_layout
 
@@ -71,18 +72,14 @@ _VERL_LOSSES = "verl.trainer.distillation.losses"
 
 # ----------------------------------------------------------------------------- helpers
 
-def _jagged_values(t: Tensor) -> Tensor:
-    """``[total, ...]``: the packed values of a jagged nested tensor ``[B, j, ...]`` (a view).
-
-    The one place where this module unpacks nested tensors. verl's packed ("remove padding")
-    logits hold the sequences one after another, which is exactly the nested tensor's
-    ``values()``, so passing nested tensors to topk_distill_loss natively (SPEC 9.1) would do
-    the same work; switch here if that ever differs.
-    """
-    if t.layout != torch.jagged:
-        raise TypeError(f"teacher tensors: a strided nested tensor is not supported; convert it "
-                        f"with torch.nested.nested_tensor(list(t.unbind()), layout=torch.jagged)")
-    return t.values()
+def _packed_teacher(lp: Tensor, ids: Tensor):
+    """verl's jagged ``[B, j, K]`` teacher tensors as packed ``[1, total, K]`` views - the one place
+    this module unpacks nested tensors. verl's packed ("remove padding") logits hold the sequences
+    one after another, which is exactly the nested tensor's ``values()``; the library's own checks
+    (:func:`topk_distill._layout._check_jagged_kind`) refuse what ``values()`` would misread."""
+    for name, t in (("teacher_topk_log_probs", lp), ("teacher_topk_ids", ids)):
+        _layout._check_jagged_kind(name, t)
+    return lp.values().unsqueeze(0), ids.values().unsqueeze(0)
 
 
 def _loss_config(config):
@@ -172,7 +169,7 @@ def fsdp_compute_forward_kl_topk(student_logits: Tensor, teacher_topk_log_probs:
     del data_format
     lp, ids = _teacher_pair(teacher_topk_log_probs, teacher_topk_ids)
     if lp.is_nested:
-        lp, ids = _jagged_values(lp).unsqueeze(0), _jagged_values(ids).unsqueeze(0)
+        lp, ids = _packed_teacher(lp, ids)
     sp_slice = _ulysses_slice()
     if sp_slice is not None:
         lp, ids = sp_slice(lp, dim=1), sp_slice(ids, dim=1)
