@@ -195,7 +195,7 @@ sass: build
 # No dependency on .venv: the compat environment is its own (tools/compat.sh).
 compat:
 	@[ -n "$(TORCH)" ] || { echo "make compat: name the torch release, e.g. make compat TORCH=2.11.0" >&2; exit 2; }
-	bash tools/compat.sh $(TORCH)
+	PYTEST_ARGS='$(PYTEST_ARGS)' bash tools/compat.sh $(TORCH)
 
 clean:
 	rm -rf $(BUILD_DIR) topk_distill/_C*.so *.egg-info .pytest_cache .hypothesis
