@@ -1,6 +1,6 @@
 """Everything to do on the day a GPU is lent, as one prepared command (``make gpu-check``).
 
-    python -m benchmarks.gpu_check --out DIR [--budget-s 520]
+    python -m tools.gpu_check --out DIR [--budget-s 520]
 
 Runs on the GPU machine's own Python and torch (nothing is installed: the machine may have no
 package registry), in this order, each step with its own time limit so that the whole stays
@@ -170,7 +170,7 @@ def main(argv=None):
             steps["sanitizer"][tool] = ("compute-sanitizer not found", 0.0)
             continue
         steps["sanitizer"][tool] = run(
-            [sanitizer, "--tool", tool, "--error-exitcode", "3", py, "-m", "benchmarks.gpu_check",
+            [sanitizer, "--tool", tool, "--error-exitcode", "3", py, "-m", "tools.gpu_check",
              "--out", str(out), "--sanitizer-workload"], san_log, per_tool, env=env)
 
     # 5. benchmark (its own files go to a scratch folder; summary.json embeds them)
