@@ -167,6 +167,7 @@ def _after_layout(opts, ids2d, lp2d, group_name, start, vocab_size, *, inplace_b
     return ids2d, lp2d, cfg
 
 
+@_layout.accepts_jagged  # SPEC 9.1: jagged nested tensors run on their packed values
 def topk_distill_loss(
     logits: Tensor,
     teacher_ids: Tensor,
@@ -231,10 +232,6 @@ def topk_distill_loss(
     Returns:
         ``TopKDistillOutput``; read the fields by name (the ones not asked for are ``None``).
     """
-    # SPEC 9.1, jagged nested tensors: this function on the packed values, per-token outputs
-    # repacked. MUST stay the first statement: locals() is then exactly this call's arguments.
-    if _layout.any_nested(*locals().values()):
-        return _layout.call_on_packed(topk_distill_loss, **locals())
     args = _validate.validate_args(
         logits, teacher_ids, teacher_logprobs, loss=loss, support=support, beta=beta,
         rkl_ratio=rkl_ratio, skew=skew, temperature=temperature, t2_scale=t2_scale,

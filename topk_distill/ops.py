@@ -93,7 +93,9 @@ def _shard_pass_fake(logits, teacher_ids, labels, vocab_start, inv_temperature, 
     return (
         logits.new_empty((n,), dtype=acc),
         logits.new_empty((n, SHARD_SUMS), dtype=acc),
-        logits.new_empty((n, k + (labels is not None)), dtype=acc),
+        # (an int, not a bool: a symbolic k + True reaches sympy as k + BooleanAtom, a
+        # TypeError in torch 2.11's opcheck)
+        logits.new_empty((n, k + (1 if labels is not None else 0)), dtype=acc),
         logits.new_empty((n, topk), dtype=acc),
         logits.new_empty((n, topk), dtype=torch.int64),
     )

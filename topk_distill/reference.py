@@ -344,6 +344,7 @@ def _with_nan_gradient_rows(rows: torch.Tensor, z: torch.Tensor):
     return _NaNGradWhereNotFinite.apply(rows, z)
 
 
+@_layout.accepts_jagged  # SPEC 9.1: jagged nested tensors run on their packed values
 def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", support=UNSET,
                       beta=UNSET, rkl_ratio=UNSET, skew=UNSET, temperature=1.0, t2_scale=False,
                       log_prob_min_clamp=None, mask=None, reduction="mean", tp_group=None,
@@ -371,11 +372,6 @@ def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", supp
       * ``missing_teacher``: a NaN teacher log-prob is an error, or its entry is dropped (padding)
         or floored (``log_prob_min_clamp`` in the bins, out of ``teacher_mass``).
     """
-    # SPEC 9.1, jagged nested tensors: this function on the packed values, per-token outputs
-    # repacked (topk_distill/_layout.py). MUST stay the first statement: locals() is then exactly
-    # this call's arguments, so keywords added later are forwarded (and checked for nesting) too.
-    if _layout.any_nested(*locals().values()):
-        return _layout.call_on_packed(topk_distill_loss, **locals())
     args = validate_args(
         logits, teacher_ids, teacher_logprobs, loss=loss, support=support, beta=beta,
         rkl_ratio=rkl_ratio, skew=skew, temperature=temperature, t2_scale=t2_scale,
