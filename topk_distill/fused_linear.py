@@ -251,6 +251,7 @@ class _FusedLinearTopKDistill(torch.autograd.Function):
         # For the backward of label_logprobs / entropy (recomputed per chunk, see the class doc).
         ctx.save_for_backward(hidden, weight, bias, teacher_ids, labels, row_max_all, coefs_all)
         ctx.cfg = cfg
+        ctx.backend = ops.backend()  # the backward runs where the forward ran (ops._ops)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(student_mass, teacher_mass)
         if topk > 0:
@@ -282,7 +283,7 @@ class _FusedLinearTopKDistill(torch.autograd.Function):
             grad_entropy = None
         if grad_label is not None or grad_entropy is not None:
             _per_row_outputs_backward(ctx.cfg, hidden, weight, bias, teacher_ids, labels, row_max,
-                                      row_coefs, grad_label, grad_entropy, out)
+                                      row_coefs, grad_label, grad_entropy, out, ctx.backend)
         return (*out, None, None, None, None, None, None)
 
 
@@ -305,7 +306,7 @@ def _accumulate_linear_grads(z, h_c, weight, s, e, grad_hidden, grad_weight, gra
 
 
 def _per_row_outputs_backward(cfg, hidden, weight, bias, teacher_ids, labels, row_max, row_coefs,
-                              grad_label, grad_entropy, grads):
+                              grad_label, grad_entropy, grads, backend=None):
     """Adds the gradients of label_logprobs and entropy (upstream grad_label / grad_entropy [N])
     to grads = [grad_hidden, grad_weight, grad_bias], chunk by chunk: the chunk's logits are
     recomputed (one GEMM) and the backward kernel turns the two upstream gradients into
@@ -339,7 +340,8 @@ def _per_row_outputs_backward(cfg, hidden, weight, bias, teacher_ids, labels, ro
         ops.backward_(z, teacher_ids[s:e], row_max[s:e], row_coefs[s:e], no_g,
                       torch.zeros(e - s, dtype=acc, device=hidden.device), lcfg.vocab_start,
                       lcfg.inv_temperature, None if labels is None else labels[s:e],
-                      None if gy is None else gy[s:e], None if gh is None else gh[s:e])
+                      None if gy is None else gy[s:e], None if gh is None else gh[s:e],
+                      backend=backend)
         if need_h:
             grad_hidden[s:e].addmm_(z, weight)
         if need_w:
