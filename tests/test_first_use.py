@@ -151,3 +151,34 @@ def test_inplace_backward_refuses_a_leaf_under_tp_and_dtensor(tp_results):
                 rank, key, msg)
         got, want = errors["dtensor_ok"]
         assert got == pytest.approx(want, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- 2. import cost
+
+def test_import_does_not_import_dynamo():
+    """`import topk_distill` stays cheap (benchmarks/import_time.py measures it): nothing of
+    torch._dynamo (~1.5 s) is imported until a compiled call needs it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, topk_distill; "
+            "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_layout_marker_is_what_assume_constant_result_sets():
+    """parallel.py marks its trace-time layout function as dynamo's assume_constant_result does,
+    without importing dynamo; if torch changes that decorator, this fails (and the compile
+    tests of tests/test_tp.py, which learn the layout while tracing, would too)."""
+    import torch._dynamo
+
+    from topk_distill import parallel
+
+    def probe():
+        pass
+
+    assert torch._dynamo.assume_constant_result(probe) is probe
+    assert vars(probe) == {"_dynamo_marked_constant": True}
+    assert parallel._traced_layout_const is parallel._traced_layout
+    assert parallel._traced_layout._dynamo_marked_constant is True
