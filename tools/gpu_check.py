@@ -93,14 +93,16 @@ def sanitizer_workload():
             labels = torch.randint(0, v, (n,), generator=g)
             for inplace in (False, True):
                 leaf = z.clone().requires_grad_(True)
-                out = td.topk_distill_loss(leaf, ids.cuda(), lp.cuda(), loss="jsd", support="tail",
+                # inplace_backward needs an intermediate (it refuses a leaf that requires grad)
+                x = leaf * 1 if inplace else leaf
+                out = td.topk_distill_loss(x, ids.cuda(), lp.cuda(), loss="jsd", support="tail",
                                            log_prob_min_clamp=-9.0, inplace_backward=inplace,
                                            labels=labels.cuda(), return_entropy=True,
                                            student_topk=min(k, 64))
                 (out.loss + out.label_logprobs.sum() + out.entropy.sum()).backward()
         # 3-D strided logits: response positions of a [B, T + 1, V] tensor, a loss mixture
         big = torch.randn(2, 9, 4001, generator=g).to(dtype).cuda()
-        x = big[:, :-1].detach().requires_grad_(True)
+        x = big.requires_grad_(True).mul(1)[:, :-1]  # a view of an intermediate (in place)
         ids3 = torch.randint(0, 4001, (2, 8, 16), generator=g).cuda()
         lp3 = torch.log_softmax(torch.randn(2, 8, 16, generator=g), -1).cuda()
         td.topk_distill_loss(x, ids3, lp3, loss=[("fkl", "topk", 0.9), ("rkl", "renorm", 0.1)],

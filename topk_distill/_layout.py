@@ -27,6 +27,8 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import _validate
+
 __all__ = ["fold_rows", "rows_overlap", "is_jagged", "any_nested", "jagged_values",
            "JaggedBatch", "unpack_jagged", "repack_jagged", "call_on_packed",
            "accepts_jagged"]
@@ -403,6 +405,8 @@ def call_on_packed(fn: Callable, logits, teacher_ids, teacher_logprobs, mask=Non
         if name != "labels" and isinstance(value, Tensor) and value.is_nested:
             raise TypeError(f"{name} cannot be a nested tensor (only logits, teacher_ids, "
                             f"teacher_logprobs, mask and labels can be jagged)")
+    # Checked here, on the nested tensor itself: its packed values are a view of no leaf.
+    _validate.check_inplace_backward(logits, kwargs.get("inplace_backward"))
     has_labels = "labels" in kwargs
     batch = unpack_jagged(logits, teacher_ids, teacher_logprobs, mask, kwargs.get("labels"),
                           check_inputs=kwargs.get("check_inputs", True))

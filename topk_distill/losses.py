@@ -216,9 +216,10 @@ def topk_distill_loss(
             Teacher tensors, mask and labels are replicated. Forward: two collectives (all_reduce
             MAX of [N], all_reduce SUM of [N, 5 + K (+1)]), plus one all_gather of the top-k with
             ``student_topk``; backward: none (docs/TP.md).
-        inplace_backward: write the gradient into the logits' storage (they must not be needed
-            after the backward; misuse raises autograd's in-place error; overlapping rows are a
-            ValueError).
+        inplace_backward: write the gradient into the logits' storage (they must be an
+            intermediate not needed after the backward; misuse raises autograd's in-place error).
+            ValueError for logits that are a leaf requiring grad (an ``nn.Parameter``) or a view
+            of one, and for logits whose rows overlap in memory.
         check_inputs: also check the data (ids and labels < V, teacher log-probs <= 0 and, with
             ``missing_teacher="error"``, not NaN); costs one host sync on CUDA. ``False`` for CUDA
             graphs / no syncs. With ``tp_group`` it also makes one small all_gather so that ranks

@@ -358,7 +358,9 @@ def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", supp
     logits' leading shape, as does the loss for reduction="none".
     With ``tp_group`` the logits are this rank's vocab shard: the shards are all-gathered (a
     custom autograd Function whose backward is the local slice) and every rank computes the
-    unsharded loss. ``inplace_backward`` is accepted and ignored (autograd allocates the gradient).
+    unsharded loss. ``inplace_backward`` is checked as in the kernel path (a leaf that requires
+    grad, or a view of one, is a ValueError) and otherwise ignored (autograd allocates the
+    gradient).
 
     ``loss``: a name, or a sequence of :class:`~topk_distill.Term` / ``(loss, support, weight)``
     tuples (per row ``sum_i weight_i * L_i``, SPEC 9.3); ``support`` / ``beta`` / ``rkl_ratio``
