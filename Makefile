@@ -9,8 +9,15 @@
 #                  quick benchmark; summary + logs in GPU_CHECK_OUT (python -m tools.gpu_check).
 #                  Uses PYTHON as it is (installs nothing): make gpu-check PYTHON=python3 GPU_CHECK_OUT=DIR
 #   make sass      python -m tools.sass: static SASS instruction budget of the CUDA kernels
-#                  for sm_90 (no GPU needed; nvcc + nvdisasm/cuobjdump, which torch's triton brings)
+#                  for sm_90, then sm_100 (SASS_ARCHS; no GPU needed; nvcc + nvdisasm/cuobjdump,
+#                  which torch's triton brings)
 #   make build     (re)build topk_distill/_C*.so in place; incremental (ninja)
+#   make compat TORCH=2.11.0
+#                  another torch (SPEC 10.1): its own env .venv-compat/<version>/ (made once, then
+#                  reused), `pip install --no-build-isolation .` into it, then the `compat` test
+#                  subset (tests/conftest.py COMPAT_SUBSET) against the installed package; CUDA
+#                  kernels compiled where that torch has CUDA and nvcc's major version matches.
+#                  COMPAT_TESTS=all runs the whole suite instead (tools/compat.sh).
 #   make setup     only the environment;  make clean (build outputs);  make distclean (+ .venv)
 #
 # Use an existing environment instead of .venv (e.g. a GPU box whose Python has its own torch):
@@ -28,7 +35,7 @@
 # Variables (also read from the environment):
 #   TOPK_DISTILL_CUDA=auto|0|1  build the CUDA kernels: auto = when torch has CUDA and nvcc is
 #                               found (no GPU needed); 1 = required; 0 = CPU only (setup.py)
-#   TORCH_CUDA_ARCH_LIST        default: the visible GPUs, else "8.0;9.0"
+#   TORCH_CUDA_ARCH_LIST        default: the visible GPUs, else "8.0;9.0;10.0+PTX"
 #   MAX_JOBS                    parallel compile jobs (default 2)
 #   PYTEST_ARGS                 extra pytest arguments, e.g. PYTEST_ARGS="-k rkl -x"
 #   SASS_ARGS                   extra tools.sass arguments, e.g. SASS_ARGS="--files shard_pass"
@@ -50,6 +57,7 @@ CMAKE ?= cmake
 CMAKE_TESTS ?= 1
 PYTEST_ARGS ?=
 SASS_ARGS ?=
+SASS_ARCHS ?= sm_90 sm_100
 export TOPK_DISTILL_CUDA MAX_JOBS
 
 # The environment's bin/ first, so that its ninja (a pip package) is the one torch and
@@ -79,7 +87,7 @@ CMAKE_CUDA_OPT_1 := ON
 CMAKE_CUDA_OPT_0 := OFF
 CMAKE_CUDA_OPT := $(or $(CMAKE_CUDA_OPT_$(TOPK_DISTILL_CUDA)),AUTO)
 
-.PHONY: help setup build test test-python test-cpp demo bench profile sass gpu-check clean distclean FORCE
+.PHONY: help setup build test test-python test-cpp demo bench profile sass gpu-check compat clean distclean FORCE
 
 help:
 	@sed -n '1,/^SHELL/p' Makefile | sed '$$d' | sed 's/^# \{0,1\}//'
@@ -176,15 +184,24 @@ GPU_CHECK_OUT ?= benchmarks/results/gpu_check
 gpu-check:
 	$(PYTHON) -m tools.gpu_check --out $(GPU_CHECK_OUT)
 
-# Reuses the nvcc flags of the build's ninja file, hence `build` first (incremental).
+# Reuses the nvcc flags of the build's ninja file, hence `build` first (incremental). One report
+# per arch of SASS_ARCHS (Hopper, and Blackwell's registers / spills beside it).
 sass: build
-	$(PYTHON) -m tools.sass $(SASS_ARGS)
+	@for arch in $(SASS_ARCHS); do \
+	  echo "== tools.sass --arch $$arch"; \
+	  $(PYTHON) -m tools.sass --arch $$arch $(SASS_ARGS) || exit 1; \
+	done
+
+# No dependency on .venv: the compat environment is its own (tools/compat.sh).
+compat:
+	@[ -n "$(TORCH)" ] || { echo "make compat: name the torch release, e.g. make compat TORCH=2.11.0" >&2; exit 2; }
+	PYTEST_ARGS='$(PYTEST_ARGS)' bash tools/compat.sh $(TORCH)
 
 clean:
 	rm -rf $(BUILD_DIR) topk_distill/_C*.so *.egg-info .pytest_cache .hypothesis
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-compat
 
 FORCE:

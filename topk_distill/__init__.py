@@ -7,8 +7,29 @@
 See README.md and docs/SPEC.md. The kernels are ``torch.ops.topk_distill.*``.
 """
 import os as _os
+import re as _re
 
 import torch as _torch
+
+# SPEC 10.1: the torch releases this package is tested with (docs/BUILD.md, "Tested with"); the
+# floor is pyproject.toml's `torch>=` too. Older torch lacks APIs the package uses, and its
+# extension would fail to load with a less clear message.
+TORCH_FLOOR = (2, 9)
+TESTED_TORCH = "2.9.1 to 2.15.0"
+
+
+def _check_torch_version(version: str) -> None:
+    """ImportError naming the supported range when ``version`` (``torch.__version__``) is older
+    than the floor; local suffixes (``+cu130``) and pre-releases are read by their release."""
+    m = _re.match(r"(\d+)\.(\d+)", str(version))
+    if m is None or (int(m.group(1)), int(m.group(2))) < TORCH_FLOOR:
+        raise ImportError(
+            f"topk_distill needs torch >= {TORCH_FLOOR[0]}.{TORCH_FLOOR[1]} (tested with torch "
+            f"{TESTED_TORCH}, docs/BUILD.md); this is torch {version}. Upgrade torch, then "
+            f"rebuild: pip install --no-build-isolation .")
+
+
+_check_torch_version(_torch.__version__)
 
 
 def _load_kernels():
