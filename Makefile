@@ -8,6 +8,7 @@
 #   make gpu-check on a lent GPU machine: build for its GPU, CUDA tests, compute-sanitizer,
 #                  quick benchmark; summary + logs in GPU_CHECK_OUT (python -m tools.gpu_check).
 #                  Uses PYTHON as it is (installs nothing): make gpu-check PYTHON=python3 GPU_CHECK_OUT=DIR
+#   make gpu-check-dry-run  the same without a GPU (CI): everything that needs none
 #   make sass      python -m tools.sass: static SASS instruction budget of the CUDA kernels
 #                  for sm_90, then sm_100 (SASS_ARCHS; no GPU needed; nvcc + nvdisasm/cuobjdump,
 #                  which torch's triton brings)
@@ -87,7 +88,7 @@ CMAKE_CUDA_OPT_1 := ON
 CMAKE_CUDA_OPT_0 := OFF
 CMAKE_CUDA_OPT := $(or $(CMAKE_CUDA_OPT_$(TOPK_DISTILL_CUDA)),AUTO)
 
-.PHONY: help setup build test test-python test-cpp demo bench profile sass gpu-check compat clean distclean FORCE
+.PHONY: help setup build test test-python test-cpp demo bench profile sass gpu-check gpu-check-dry-run compat clean distclean FORCE
 
 help:
 	@sed -n '1,/^SHELL/p' Makefile | sed '$$d' | sed 's/^# \{0,1\}//'
@@ -181,8 +182,13 @@ profile: build
 	$(PYTHON) -m benchmarks.profile
 
 GPU_CHECK_OUT ?= benchmarks/results/gpu_check
+GPU_CHECK_ARGS ?=
 gpu-check:
-	$(PYTHON) -m tools.gpu_check --out $(GPU_CHECK_OUT)
+	$(PYTHON) -m tools.gpu_check --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+
+# Everything of gpu-check that needs no GPU (its build step rebuilds incrementally, as configured).
+gpu-check-dry-run: build
+	$(PYTHON) -m tools.gpu_check --dry-run --out $(BUILD_DIR)/gpu_check_dry_run $(GPU_CHECK_ARGS)
 
 # Reuses the nvcc flags of the build's ninja file, hence `build` first (incremental). One report
 # per arch of SASS_ARCHS (Hopper, and Blackwell's registers / spills beside it).
