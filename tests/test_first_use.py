@@ -158,12 +158,16 @@ def test_inplace_backward_refuses_a_leaf_under_tp_and_dtensor(tp_results):
 def test_import_does_not_import_dynamo():
     """`import topk_distill` stays cheap (benchmarks/import_time.py measures it): nothing of
     torch._dynamo (~1.5 s) is imported until a compiled call needs it."""
+    import os
+    import pathlib
     import subprocess
     import sys
 
     code = ("import sys, torch, topk_distill; "
             "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=env)
     assert out.stdout.strip() == "[]", out.stdout
 
 
@@ -182,3 +186,66 @@ def test_layout_marker_is_what_assume_constant_result_sets():
     assert vars(probe) == {"_dynamo_marked_constant": True}
     assert parallel._traced_layout_const is parallel._traced_layout
     assert parallel._traced_layout._dynamo_marked_constant is True
+
+
+# ----------------------------------------------------------------------------- 5. stderr noise
+
+_JAGGED_SCRIPT = r"""
+import warnings
+warnings.simplefilter("always")  # any Python warning would reach stderr too
+import torch
+import topk_distill as td
+N, V, K = 6, 50, 4
+g = torch.Generator().manual_seed(0)
+logits = torch.randn(N, V, generator=g).requires_grad_()
+t = torch.log_softmax(torch.randn(N, V, generator=g), -1).topk(K, dim=-1)
+jag = lambda x: torch.nested.nested_tensor([x[:3], x[3:]], layout=torch.jagged)
+out = td.topk_distill_loss(jag(logits.detach()), jag(t.indices), jag(t.values), loss="jsd",
+                           reduction="none", return_entropy=True)
+packed = torch.nested.nested_tensor_from_jagged(logits * 1, torch.tensor([0, 3, N]))
+ids = torch.nested.nested_tensor_from_jagged(t.indices, packed.offsets())
+lps = torch.nested.nested_tensor_from_jagged(t.values, packed.offsets())
+td.topk_distill_loss(packed, ids, lps, reduction="none").loss.values().sum().backward()
+print("ok", float(out.loss.values().sum()), bool(logits.grad.abs().sum() > 0))
+"""
+
+
+def test_first_jagged_call_prints_nothing_on_stderr(tmp_path):
+    """torch's nested_tensor_from_jagged logs an is_fx_tracing notice on its first call; our own
+    calls (repacking per-token outputs, the jagged gradient) drop that one record. The script's
+    own nested_tensor_from_jagged call comes after ours, so the once-only notice is spent."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    script = tmp_path / "jagged.py"
+    script.write_text(_JAGGED_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         check=True, env=env)
+    assert out.stdout.startswith("ok") and out.stdout.strip().endswith("True"), out.stdout
+    assert out.stderr == "", out.stderr
+
+
+def test_the_fx_notice_filter_is_narrow():
+    """Only that message, only on torch's fx logger, only inside our call."""
+    import logging
+
+    from topk_distill import _layout
+
+    logger = logging.getLogger(_layout._FX_TRACE_LOGGER)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        with _layout._no_fx_tracing_notice():
+            logger.warning("is_fx_tracing will return true for both fx.symbolic_trace and ...")
+            logger.warning("something else")
+        logger.warning("is_fx_tracing will return true - outside our call")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == [
+        "something else", "is_fx_tracing will return true - outside our call"]
+    assert not logger.filters
