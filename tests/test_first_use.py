@@ -119,6 +119,9 @@ def _tp_worker(rank, world_size):
         except (TypeError, ValueError) as e:
             errors[key] = (type(e).__name__, str(e))
 
+    catch("tp_nope", lambda: td.topk_distill_loss(torch.randn(N, V), ids, lp, tp_group="nope"))
+    catch("tp_nope_fused", lambda: fused_linear_topk_distill_loss(
+        torch.randn(N, H), torch.randn(V, H), ids, lp, tp_group="nope"))
     shard = torch.nn.Parameter(torch.randn(N, V // world_size))
     catch("tp_leaf", lambda: td.topk_distill_loss(shard, ids, lp, tp_group=group,
                                                   inplace_backward=True))
@@ -128,6 +131,9 @@ def _tp_worker(rank, world_size):
     full = torch.randn(N, V, generator=torch.Generator().manual_seed(1))  # same on every rank
     dt = distribute_tensor(full, mesh, [Shard(-1)]).requires_grad_()
     catch("dtensor_leaf", lambda: dtensor_topk_distill_loss(dt, ids, lp, inplace_backward=True))
+    catch("dtensor_to_plain", lambda: td.topk_distill_loss(dt, ids, lp))
+    catch("dtensor_to_module", lambda: td.TopKDistillLoss()(dt * 1.0, ids, lp))
+    catch("dtensor_to_reference", lambda: reference.topk_distill_loss(dt, ids, lp))
     # An intermediate DTensor is fine, and matches the unsharded call.
     x = dt * 1.0
     out = dtensor_topk_distill_loss(x, ids, lp, inplace_backward=True)
@@ -249,3 +255,58 @@ def test_the_fx_notice_filter_is_narrow():
     assert [r.getMessage() for r in records] == [
         "something else", "is_fx_tracing will return true - outside our call"]
     assert not logger.filters
+
+
+def test_tp_errors_name_the_argument_and_the_dtensor_entry_point(tp_results):
+    for rank, errors in enumerate(tp_results):
+        for key in ("tp_nope", "tp_nope_fused"):
+            kind, msg = errors[key]
+            assert kind == "ValueError" and msg.startswith("tp_group='nope' is not the name"), (
+                rank, key, msg)
+        for key in ("dtensor_to_plain", "dtensor_to_module", "dtensor_to_reference"):
+            kind, msg = errors[key]
+            assert kind == "TypeError" and msg.startswith("logits is a DTensor"), (rank, key, msg)
+            assert "topk_distill.integrations.dtensor.dtensor_topk_distill_loss" in msg
+
+
+# ----------------------------------------------------------------------------- 3, 4: named errors
+
+def test_tp_group_by_an_unknown_name_without_distributed():
+    ids, lp = _teacher()
+    with pytest.raises(ValueError, match=r"^tp_group='nope' is not the name of a registered "
+                                         r"process group \(torch.distributed is not init"):
+        td.topk_distill_loss(torch.randn(N, V), ids, lp, tp_group="nope")
+    with pytest.raises(ValueError, match=r"^tp_group='nope'"):
+        td.student_topk(torch.randn(N, V), 2, tp_group="nope")
+    with pytest.raises(TypeError, match=r"^tp_group must be a torch.distributed.ProcessGroup"):
+        td.topk_distill_loss(torch.randn(N, V), ids, lp, tp_group=3)
+
+
+def _jagged(x, offsets):
+    return torch.nested.nested_tensor_from_jagged(x, offsets)
+
+
+@pytest.mark.parametrize("which", ["hidden", "teacher_ids", "teacher_logprobs", "mask", "labels"])
+def test_fused_head_refuses_jagged_input_naming_the_argument(which):
+    offsets = torch.tensor([0, 2, N])
+    ids, lp = _teacher()
+    args = dict(hidden=torch.randn(N, H), teacher_ids=ids, teacher_logprobs=lp,
+                mask=torch.ones(N, dtype=torch.bool), labels=torch.zeros(N, dtype=torch.long))
+    args[which] = _jagged(args[which], offsets)
+    hidden = args.pop("hidden")
+    with pytest.raises(TypeError, match=rf"^{which} is a nested tensor; "
+                                        r"fused_linear_topk_distill_loss takes plain tensors"):
+        fused_linear_topk_distill_loss(hidden, torch.randn(V, H), args.pop("teacher_ids"),
+                                       args.pop("teacher_logprobs"), **args)
+
+
+def test_fused_head_on_the_packed_values_equals_the_unfused_jagged_loss():
+    """What the error says to do gives the jagged loss of the unfused path."""
+    offsets = torch.tensor([0, 2, N])
+    ids, lp = _teacher()
+    hidden, weight = torch.randn(N, H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64)
+    nt = _jagged(hidden, offsets)
+    fused = fused_linear_topk_distill_loss(nt.values(), weight, ids, lp.double()).loss
+    unfused = td.topk_distill_loss(_jagged(hidden @ weight.t(), offsets), _jagged(ids, offsets),
+                                   _jagged(lp.double(), offsets)).loss
+    torch.testing.assert_close(fused, unfused)
