@@ -1,7 +1,7 @@
 """What `import topk_distill` costs on top of `import torch` (issue 27: it was ~2 s, all of it
 torch._dynamo, which parallel.py imported at module level).
 
-    python -m benchmarks.import_time [--reps 7] [--checkout PATH ...] [--out DIR]
+    python -m benchmarks.import_time [--reps 7] [--checkout PATH[=LABEL] ...] [--out DIR]
 
 Every measurement is a fresh Python process (imports are cached per process) that times, with
 ``time.perf_counter`` inside the process, ``import torch`` and then ``import topk_distill``; it
@@ -9,7 +9,8 @@ also reports whether ``torch._dynamo`` was imported, and the slowest modules tha
 import pulled in (``python -X importtime``, cumulative). The processes of the different
 checkouts run round-robin (each repetition runs one of each in turn, so all see the same
 background load); the table gives medians. ``--checkout`` measures another checkout of this
-repository with its own built extension (e.g. the commit before a change), default: this one.
+repository with its own built extension (e.g. the commit before a change), default: this one;
+``=LABEL`` names it in the table when it is no git checkout (e.g. a ``git archive`` export).
 
 Writes benchmarks/results/import_time_cpu.{json,md} (``--out`` another folder).
 """
@@ -67,7 +68,7 @@ def _slowest_modules(stderr: str, top: int) -> list:
             for us, name in sorted(rows, reverse=True)[:top]]
 
 
-def run(checkouts, reps: int, top: int) -> list:
+def run(checkouts, reps: int, top: int, labels=None) -> list:
     samples = {c: [] for c in checkouts}
     for _ in range(reps):
         for c in checkouts:
@@ -79,7 +80,7 @@ def run(checkouts, reps: int, top: int) -> list:
         ours_ms = [x["topk_distill_s"] * 1e3 for x in s]
         detail = _child(c, importtime=True)
         rows.append({
-            "checkout": str(c), "commit": _commit(c), "reps": reps,
+            "checkout": str(c), "commit": (labels or {}).get(c) or _commit(c), "reps": reps,
             "import_torch_ms": statistics.median(torch_ms),
             "import_topk_distill_after_torch_ms": statistics.median(ours_ms),
             "import_topk_distill_after_torch_ms_min": min(ours_ms),
@@ -134,11 +135,15 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=7, help="processes per checkout (median)")
     ap.add_argument("--top", type=int, default=8, help="slowest modules listed per checkout")
     ap.add_argument("--checkout", action="append", default=None,
-                    help="a checkout with a built extension (repeatable; default: this one)")
+                    help="PATH[=LABEL]: a checkout with a built extension (repeatable; "
+                         "default: this one)")
     ap.add_argument("--out", default=str(common.RESULTS), help="results folder")
     args = ap.parse_args(argv)
-    checkouts = [Path(c).resolve() for c in (args.checkout or [common.REPO])]
-    rows = run(checkouts, args.reps, args.top)
+    labels = {}
+    for spec in args.checkout or [str(common.REPO)]:
+        path, _, label = spec.partition("=")
+        labels[Path(path).resolve()] = label or None
+    rows = run(list(labels), args.reps, args.top, labels)
     doc = {"environment": common.environment(torch.device("cpu"), "benchmarks.import_time",
                                              argv if argv is not None else sys.argv[1:]),
            "rows": rows}

@@ -119,6 +119,9 @@ def _tp_worker(rank, world_size):
         except (TypeError, ValueError) as e:
             errors[key] = (type(e).__name__, str(e))
 
+    catch("tp_nope", lambda: td.topk_distill_loss(torch.randn(N, V), ids, lp, tp_group="nope"))
+    catch("tp_nope_fused", lambda: fused_linear_topk_distill_loss(
+        torch.randn(N, H), torch.randn(V, H), ids, lp, tp_group="nope"))
     shard = torch.nn.Parameter(torch.randn(N, V // world_size))
     catch("tp_leaf", lambda: td.topk_distill_loss(shard, ids, lp, tp_group=group,
                                                   inplace_backward=True))
@@ -128,6 +131,9 @@ def _tp_worker(rank, world_size):
     full = torch.randn(N, V, generator=torch.Generator().manual_seed(1))  # same on every rank
     dt = distribute_tensor(full, mesh, [Shard(-1)]).requires_grad_()
     catch("dtensor_leaf", lambda: dtensor_topk_distill_loss(dt, ids, lp, inplace_backward=True))
+    catch("dtensor_to_plain", lambda: td.topk_distill_loss(dt, ids, lp))
+    catch("dtensor_to_module", lambda: td.TopKDistillLoss()(dt * 1.0, ids, lp))
+    catch("dtensor_to_reference", lambda: reference.topk_distill_loss(dt, ids, lp))
     # An intermediate DTensor is fine, and matches the unsharded call.
     x = dt * 1.0
     out = dtensor_topk_distill_loss(x, ids, lp, inplace_backward=True)
@@ -158,12 +164,16 @@ def test_inplace_backward_refuses_a_leaf_under_tp_and_dtensor(tp_results):
 def test_import_does_not_import_dynamo():
     """`import topk_distill` stays cheap (benchmarks/import_time.py measures it): nothing of
     torch._dynamo (~1.5 s) is imported until a compiled call needs it."""
+    import os
+    import pathlib
     import subprocess
     import sys
 
     code = ("import sys, torch, topk_distill; "
             "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=env)
     assert out.stdout.strip() == "[]", out.stdout
 
 
@@ -182,3 +192,121 @@ def test_layout_marker_is_what_assume_constant_result_sets():
     assert vars(probe) == {"_dynamo_marked_constant": True}
     assert parallel._traced_layout_const is parallel._traced_layout
     assert parallel._traced_layout._dynamo_marked_constant is True
+
+
+# ----------------------------------------------------------------------------- 5. stderr noise
+
+_JAGGED_SCRIPT = r"""
+import warnings
+warnings.simplefilter("always")  # any Python warning would reach stderr too
+import torch
+import topk_distill as td
+N, V, K = 6, 50, 4
+g = torch.Generator().manual_seed(0)
+logits = torch.randn(N, V, generator=g).requires_grad_()
+t = torch.log_softmax(torch.randn(N, V, generator=g), -1).topk(K, dim=-1)
+jag = lambda x: torch.nested.nested_tensor([x[:3], x[3:]], layout=torch.jagged)
+out = td.topk_distill_loss(jag(logits.detach()), jag(t.indices), jag(t.values), loss="jsd",
+                           reduction="none", return_entropy=True)
+packed = torch.nested.nested_tensor_from_jagged(logits * 1, torch.tensor([0, 3, N]))
+ids = torch.nested.nested_tensor_from_jagged(t.indices, packed.offsets())
+lps = torch.nested.nested_tensor_from_jagged(t.values, packed.offsets())
+td.topk_distill_loss(packed, ids, lps, reduction="none").loss.values().sum().backward()
+print("ok", float(out.loss.values().sum()), bool(logits.grad.abs().sum() > 0))
+"""
+
+
+def test_first_jagged_call_prints_nothing_on_stderr(tmp_path):
+    """torch's nested_tensor_from_jagged logs an is_fx_tracing notice on its first call; our own
+    calls (repacking per-token outputs, the jagged gradient) drop that one record. The script's
+    own nested_tensor_from_jagged call comes after ours, so the once-only notice is spent."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    script = tmp_path / "jagged.py"
+    script.write_text(_JAGGED_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         check=True, env=env)
+    assert out.stdout.startswith("ok") and out.stdout.strip().endswith("True"), out.stdout
+    assert out.stderr == "", out.stderr
+
+
+def test_the_fx_notice_filter_is_narrow():
+    """Only that message, only on torch's fx logger, only inside our call."""
+    import logging
+
+    from topk_distill import _layout
+
+    logger = logging.getLogger(_layout._FX_TRACE_LOGGER)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        with _layout._no_fx_tracing_notice():
+            logger.warning("is_fx_tracing will return true for both fx.symbolic_trace and ...")
+            logger.warning("something else")
+        logger.warning("is_fx_tracing will return true - outside our call")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == [
+        "something else", "is_fx_tracing will return true - outside our call"]
+    assert not logger.filters
+
+
+def test_tp_errors_name_the_argument_and_the_dtensor_entry_point(tp_results):
+    for rank, errors in enumerate(tp_results):
+        for key in ("tp_nope", "tp_nope_fused"):
+            kind, msg = errors[key]
+            assert kind == "ValueError" and msg.startswith("tp_group='nope' is not the name"), (
+                rank, key, msg)
+        for key in ("dtensor_to_plain", "dtensor_to_module", "dtensor_to_reference"):
+            kind, msg = errors[key]
+            assert kind == "TypeError" and msg.startswith("logits is a DTensor"), (rank, key, msg)
+            assert "topk_distill.integrations.dtensor.dtensor_topk_distill_loss" in msg
+
+
+# ----------------------------------------------------------------------------- 3, 4: named errors
+
+def test_tp_group_by_an_unknown_name_without_distributed():
+    ids, lp = _teacher()
+    with pytest.raises(ValueError, match=r"^tp_group='nope' is not the name of a registered "
+                                         r"process group \(torch.distributed is not init"):
+        td.topk_distill_loss(torch.randn(N, V), ids, lp, tp_group="nope")
+    with pytest.raises(ValueError, match=r"^tp_group='nope'"):
+        td.student_topk(torch.randn(N, V), 2, tp_group="nope")
+    with pytest.raises(TypeError, match=r"^tp_group must be a torch.distributed.ProcessGroup"):
+        td.topk_distill_loss(torch.randn(N, V), ids, lp, tp_group=3)
+
+
+def _jagged(x, offsets):
+    return torch.nested.nested_tensor_from_jagged(x, offsets)
+
+
+@pytest.mark.parametrize("which", ["hidden", "teacher_ids", "teacher_logprobs", "mask", "labels"])
+def test_fused_head_refuses_jagged_input_naming_the_argument(which):
+    offsets = torch.tensor([0, 2, N])
+    ids, lp = _teacher()
+    args = dict(hidden=torch.randn(N, H), teacher_ids=ids, teacher_logprobs=lp,
+                mask=torch.ones(N, dtype=torch.bool), labels=torch.zeros(N, dtype=torch.long))
+    args[which] = _jagged(args[which], offsets)
+    hidden = args.pop("hidden")
+    with pytest.raises(TypeError, match=rf"^{which} is a nested tensor; "
+                                        r"fused_linear_topk_distill_loss takes plain tensors"):
+        fused_linear_topk_distill_loss(hidden, torch.randn(V, H), args.pop("teacher_ids"),
+                                       args.pop("teacher_logprobs"), **args)
+
+
+def test_fused_head_on_the_packed_values_equals_the_unfused_jagged_loss():
+    """What the error says to do gives the jagged loss of the unfused path."""
+    offsets = torch.tensor([0, 2, N])
+    ids, lp = _teacher()
+    hidden, weight = torch.randn(N, H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64)
+    nt = _jagged(hidden, offsets)
+    fused = fused_linear_topk_distill_loss(nt.values(), weight, ids, lp.double()).loss
+    unfused = td.topk_distill_loss(_jagged(hidden @ weight.t(), offsets), _jagged(ids, offsets),
+                                   _jagged(lp.double(), offsets)).loss
+    torch.testing.assert_close(fused, unfused)

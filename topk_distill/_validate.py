@@ -232,7 +232,26 @@ def validate_options(*, loss="fkl", support=UNSET, beta=UNSET, rkl_ratio=UNSET, 
 def _tensor(name, value):
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
+    _not_dtensor(name, value)
     return value
+
+
+def _not_dtensor(name, value):
+    """A DTensor reaches the kernels only through the DTensor entry point, which finds the
+    tensor-parallel group and vocab_start from its mesh (mixed with plain tensors torch raises
+    "got mixed torch.Tensor and DTensor", naming nothing). No import: without
+    torch.distributed.tensor loaded, no DTensor exists."""
+    import sys
+
+    if torch.compiler.is_compiling():
+        return
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is not None and isinstance(value, getattr(module, "DTensor", ())):
+        raise TypeError(
+            f"{name} is a DTensor; this entry point takes plain tensors. For vocab-sharded "
+            f"DTensor logits use topk_distill.integrations.dtensor.dtensor_topk_distill_loss "
+            f"(it takes the group and vocab_start from the device mesh); otherwise pass "
+            f"{name}.to_local() or {name}.full_tensor()")
 
 
 def _dtype(name, t, allowed):

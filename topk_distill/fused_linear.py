@@ -71,6 +71,17 @@ _RENAMES = (("the logits hold the whole vocab", "weight holds the whole vocab"),
 def _validate_tensors(hidden, weight, bias, teacher_ids, teacher_logprobs, mask, tp_group,
                       vocab_start, labels=None) -> Tuple[Tuple[int, ...], int, int, int]:
     """(lead_shape, N, V_r, K); errors name hidden / weight / bias / teacher_* / mask."""
+    # Jagged input is refused, not supported: the packed values() ARE what the fused head needs
+    # ([total, H], no padding, no copy), and its only per-token outputs are small.
+    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias),
+                    ("teacher_ids", teacher_ids), ("teacher_logprobs", teacher_logprobs),
+                    ("mask", mask), ("labels", labels)):
+        if isinstance(t, torch.Tensor) and t.is_nested:
+            raise TypeError(
+                f"{name} is a nested tensor; fused_linear_topk_distill_loss takes plain tensors. "
+                f"Pass the packed values ({name}.values(), [total, ...]: no copy) for hidden and "
+                f"for each jagged teacher tensor / mask / labels (same offsets); per-token "
+                f"outputs then come back packed [total]")
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")

@@ -82,7 +82,15 @@ def group_name_of(group: Union[str, "dist.ProcessGroup"]) -> str:
 def _resolve(group_name: str) -> "dist.ProcessGroup":
     from torch.distributed.distributed_c10d import _resolve_process_group
 
-    return _resolve_process_group(group_name)
+    try:
+        return _resolve_process_group(group_name)
+    except (RuntimeError, ValueError, KeyError, AttributeError) as e:  # torch: "Could not resolve"
+        initialised = dist.is_available() and dist.is_initialized()
+        raise ValueError(
+            f"tp_group={group_name!r} is not the name of a registered process group"
+            + ("" if initialised else " (torch.distributed is not initialised)")
+            + f"; pass the torch.distributed.ProcessGroup itself or its group.group_name "
+            f"(torch: {e})") from None
 
 
 def _all_reduce(t: Tensor, op: str, group_name: str) -> Tensor:
