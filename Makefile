@@ -29,9 +29,10 @@
 # installs (unpinned) only those missing from that environment. PYTHON may also come from the
 # environment (export PYTHON=...).
 #
-# requirements-nodeps.txt (verl) is installed with `pip install --no-deps` in both modes (pinned;
-# in the PYTHON=... mode only when missing): the tests import a few of its modules, with
-# test-only stand-ins for its heavy dependencies (tests/_verl_standins.py).
+# requirements-nodeps.txt (verl, trl) is installed with `pip install --no-deps` in both modes (pinned;
+# in the PYTHON=... mode only when missing): the tests import a few of verl's modules, with
+# test-only stand-ins for its heavy dependencies (tests/_verl_standins.py); trl's dependencies
+# are in requirements-dev.txt.
 #
 # Variables (also read from the environment):
 #   TOPK_DISTILL_CUDA=auto|0|1  build the CUDA kernels: auto = when torch has CUDA and nvcc is
