@@ -6,9 +6,10 @@
 #   make bench     python -m benchmarks
 #   make profile   python -m benchmarks.profile
 #   make gpu-check on a lent GPU machine: build for its GPU, CUDA tests, compute-sanitizer,
-#                  quick benchmark; summary + logs in GPU_CHECK_OUT (python -m benchmarks.gpu_check).
+#                  quick benchmark; summary + logs in GPU_CHECK_OUT (python -m tools.gpu_check).
 #                  Uses PYTHON as it is (installs nothing): make gpu-check PYTHON=python3 GPU_CHECK_OUT=DIR
-#   make sass      python -m benchmarks.sass: static SASS instruction budget of the CUDA kernels
+#   make gpu-check-dry-run  the same without a GPU (CI): everything that needs none
+#   make sass      python -m tools.sass: static SASS instruction budget of the CUDA kernels
 #                  for sm_90, then sm_100 (SASS_ARCHS; no GPU needed; nvcc + nvdisasm/cuobjdump,
 #                  which torch's triton brings)
 #   make build     (re)build topk_distill/_C*.so in place; incremental (ninja)
@@ -28,9 +29,10 @@
 # installs (unpinned) only those missing from that environment. PYTHON may also come from the
 # environment (export PYTHON=...).
 #
-# requirements-nodeps.txt (verl) is installed with `pip install --no-deps` in both modes (pinned;
-# in the PYTHON=... mode only when missing): the tests import a few of its modules, with
-# test-only stand-ins for its heavy dependencies (tests/_verl_standins.py).
+# requirements-nodeps.txt (verl, trl) is installed with `pip install --no-deps` in both modes (pinned;
+# in the PYTHON=... mode only when missing): the tests import a few of verl's modules, with
+# test-only stand-ins for its heavy dependencies (tests/_verl_standins.py); trl's dependencies
+# are in requirements-dev.txt.
 #
 # Variables (also read from the environment):
 #   TOPK_DISTILL_CUDA=auto|0|1  build the CUDA kernels: auto = when torch has CUDA and nvcc is
@@ -38,7 +40,7 @@
 #   TORCH_CUDA_ARCH_LIST        default: the visible GPUs, else "8.0;9.0;10.0+PTX"
 #   MAX_JOBS                    parallel compile jobs (default 2)
 #   PYTEST_ARGS                 extra pytest arguments, e.g. PYTEST_ARGS="-k rkl -x"
-#   SASS_ARGS                   extra benchmarks.sass arguments, e.g. SASS_ARGS="--files shard_pass"
+#   SASS_ARGS                   extra tools.sass arguments, e.g. SASS_ARGS="--files shard_pass"
 #   CMAKE_TESTS=0               skip the CMake/CTest part of `make test`
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -87,7 +89,7 @@ CMAKE_CUDA_OPT_1 := ON
 CMAKE_CUDA_OPT_0 := OFF
 CMAKE_CUDA_OPT := $(or $(CMAKE_CUDA_OPT_$(TOPK_DISTILL_CUDA)),AUTO)
 
-.PHONY: help setup build test test-python test-cpp demo bench profile sass gpu-check compat clean distclean FORCE
+.PHONY: help setup build test test-python test-cpp demo bench profile sass gpu-check gpu-check-dry-run compat clean distclean FORCE
 
 help:
 	@sed -n '1,/^SHELL/p' Makefile | sed '$$d' | sed 's/^# \{0,1\}//'
@@ -181,15 +183,20 @@ profile: build
 	$(PYTHON) -m benchmarks.profile
 
 GPU_CHECK_OUT ?= benchmarks/results/gpu_check
+GPU_CHECK_ARGS ?=
 gpu-check:
-	$(PYTHON) -m benchmarks.gpu_check --out $(GPU_CHECK_OUT)
+	$(PYTHON) -m tools.gpu_check --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+
+# Everything of gpu-check that needs no GPU (its build step rebuilds incrementally, as configured).
+gpu-check-dry-run: build
+	$(PYTHON) -m tools.gpu_check --dry-run --out $(BUILD_DIR)/gpu_check_dry_run $(GPU_CHECK_ARGS)
 
 # Reuses the nvcc flags of the build's ninja file, hence `build` first (incremental). One report
 # per arch of SASS_ARCHS (Hopper, and Blackwell's registers / spills beside it).
 sass: build
 	@for arch in $(SASS_ARCHS); do \
-	  echo "== benchmarks.sass --arch $$arch"; \
-	  $(PYTHON) -m benchmarks.sass --arch $$arch $(SASS_ARGS) || exit 1; \
+	  echo "== tools.sass --arch $$arch"; \
+	  $(PYTHON) -m tools.sass --arch $$arch $(SASS_ARGS) || exit 1; \
 	done
 
 # No dependency on .venv: the compat environment is its own (tools/compat.sh).

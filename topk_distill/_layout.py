@@ -20,12 +20,16 @@ docs/LAYOUTS.md is the user-facing summary.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import logging
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from . import _validate
 
 __all__ = ["fold_rows", "rows_overlap", "is_jagged", "any_nested", "jagged_values",
            "JaggedBatch", "unpack_jagged", "repack_jagged", "call_on_packed",
@@ -221,6 +225,40 @@ def _check_jagged_kind(name: str, t: Tensor) -> None:
             f"(one copy)")
 
 
+class _DropFxTracingNotice(logging.Filter):
+    """Drops torch's "is_fx_tracing will return true for both fx.symbolic_trace and
+    torch.export..." log line, which torch's own ``nested_tensor_from_jagged`` triggers on its
+    first call in a process (it asks ``is_fx_tracing()``, whose deprecation notice is logged
+    once); the notice is about torch's code, not the caller's, so it is noise on stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("is_fx_tracing will return true")
+
+
+_FX_TRACE_LOGGER = "torch.fx._symbolic_trace"
+
+
+@contextlib.contextmanager
+def _no_fx_tracing_notice():
+    """Only that one log record, only on torch's fx logger, only during our own call."""
+    logger, notice_filter = logging.getLogger(_FX_TRACE_LOGGER), _DropFxTracingNotice()
+    logger.addFilter(notice_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice_filter)
+
+
+def _from_jagged(values: Tensor, offsets: Tensor, min_seqlen, max_seqlen) -> Tensor:
+    """``torch.nested.nested_tensor_from_jagged`` without its stray log line (above)."""
+    if torch.compiler.is_compiling():  # (dynamo does not trace the logging calls)
+        return torch.nested.nested_tensor_from_jagged(values, offsets, min_seqlen=min_seqlen,
+                                                      max_seqlen=max_seqlen)
+    with _no_fx_tracing_notice():
+        return torch.nested.nested_tensor_from_jagged(values, offsets, min_seqlen=min_seqlen,
+                                                      max_seqlen=max_seqlen)
+
+
 class _JaggedValues(torch.autograd.Function):
     """``nt.values()`` (a view of the nested tensor's storage) whose backward wraps the gradient
     into a jagged nested tensor with ``nt``'s offsets.
@@ -242,8 +280,7 @@ class _JaggedValues(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return torch.nested.nested_tensor_from_jagged(grad, ctx.offsets, min_seqlen=ctx.seqlens[0],
-                                                      max_seqlen=ctx.seqlens[1])
+        return _from_jagged(grad, ctx.offsets, ctx.seqlens[0], ctx.seqlens[1])
 
 
 def jagged_values(nt: Tensor) -> Tensor:
@@ -384,9 +421,8 @@ def repack_jagged(per_token: Tensor, like: Tensor) -> Tensor:
     if per_token.dim() < 1 or per_token.shape[0] != total:
         raise ValueError(f"repack_jagged: per_token must be [total={total}, ...]; got "
                          f"{list(per_token.shape)}")
-    return torch.nested.nested_tensor_from_jagged(
-        per_token, like.offsets(), min_seqlen=getattr(like, "_maybe_min_seqlen", None),
-        max_seqlen=getattr(like, "_maybe_max_seqlen", None))
+    return _from_jagged(per_token, like.offsets(), getattr(like, "_maybe_min_seqlen", None),
+                        getattr(like, "_maybe_max_seqlen", None))
 
 
 def call_on_packed(fn: Callable, logits, teacher_ids, teacher_logprobs, mask=None, **kwargs):
@@ -403,6 +439,8 @@ def call_on_packed(fn: Callable, logits, teacher_ids, teacher_logprobs, mask=Non
         if name != "labels" and isinstance(value, Tensor) and value.is_nested:
             raise TypeError(f"{name} cannot be a nested tensor (only logits, teacher_ids, "
                             f"teacher_logprobs, mask and labels can be jagged)")
+    # Checked here, on the nested tensor itself: its packed values are a view of no leaf.
+    _validate.check_inplace_backward(logits, kwargs.get("inplace_backward"))
     has_labels = "labels" in kwargs
     batch = unpack_jagged(logits, teacher_ids, teacher_logprobs, mask, kwargs.get("labels"),
                           check_inputs=kwargs.get("check_inputs", True))

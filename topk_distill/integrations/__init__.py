@@ -7,6 +7,9 @@
   device mesh, or over the tensor-parallel dimension of a larger mesh.
 * :mod:`topk_distill.integrations.verl` - drop-ins for verl 0.9.1's FSDP and Megatron
   ``compute_forward_kl_topk`` and :func:`patch_verl` (verl is imported only when called).
+* :mod:`topk_distill.integrations.trl` - :func:`~topk_distill.integrations.trl.patch_trl` puts
+  TRL 1.16.0's ``ServerDistillationTrainer`` / ``AsyncDistillationTrainer`` losses on these
+  kernels (import the submodule; trl is imported only by ``patch_trl``).
 
 The first two call :func:`topk_distill.topk_distill_loss` with ``tp_group`` set (docs/TP.md).
 """
