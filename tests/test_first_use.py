@@ -310,3 +310,50 @@ def test_fused_head_on_the_packed_values_equals_the_unfused_jagged_loss():
     unfused = td.topk_distill_loss(_jagged(hidden @ weight.t(), offsets), _jagged(ids, offsets),
                                    _jagged(lp.double(), offsets)).loss
     torch.testing.assert_close(fused, unfused)
+
+
+# ----------------------------------------------------------------------------- 6. visible defaults
+
+_LOSS_PARAMS = {"support": "topk", "beta": 0.5, "rkl_ratio": 0.1, "skew": 0.1}
+_WITH_LOSS_PARAMS = [td.topk_distill_loss, td.TopKDistillLoss, reference.topk_distill_loss,
+                     fused_linear_topk_distill_loss, td.FusedLinearTopKDistillLoss]
+
+
+@pytest.mark.parametrize("fn", _WITH_LOSS_PARAMS, ids=lambda f: f.__qualname__)
+def test_signatures_show_the_documented_defaults(fn):
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    assert {k: params[k].default for k in _LOSS_PARAMS} == _LOSS_PARAMS
+    assert "UNSET" not in str(inspect.signature(fn))
+
+
+def test_none_means_the_default_for_a_wrapper():
+    """A wrapper forwards its own optional arguments as None when its caller passed nothing."""
+    ids, lp = _teacher()
+    z = torch.randn(N, V)
+    for loss in ("jsd", "fkl+rkl", "skl"):
+        want = td.topk_distill_loss(z, ids, lp, loss=loss).loss
+        got = td.topk_distill_loss(z, ids, lp, loss=loss, support=None, beta=None,
+                                   rkl_ratio=None, skew=None).loss
+        assert torch.equal(got, want), loss
+        assert torch.equal(td.TopKDistillLoss(loss=loss, beta=None)(z, ids, lp).loss, want)
+        ref = reference.topk_distill_loss(z, ids, lp, loss=loss, beta=None, skew=None).loss
+        torch.testing.assert_close(ref, want)
+
+
+def test_beside_a_term_list_only_none_or_the_default_is_accepted():
+    ids, lp = _teacher()
+    z = torch.randn(N, V)
+    terms = [("fkl", "topk", 0.9), td.Term("jsd", "renorm", 0.1, beta=0.3)]
+    want = td.topk_distill_loss(z, ids, lp, loss=terms).loss
+    for kw in (dict(support=None, beta=None, rkl_ratio=None, skew=None), dict(_LOSS_PARAMS)):
+        assert torch.equal(td.topk_distill_loss(z, ids, lp, loss=terms, **kw).loss, want), kw
+        td.TopKDistillLoss(loss=terms, **kw)
+    for name, value in (("support", "tail"), ("beta", 0.3), ("rkl_ratio", 0.0), ("skew", 1.0)):
+        for call in (lambda: td.topk_distill_loss(z, ids, lp, loss=terms, **{name: value}),
+                     lambda: td.TopKDistillLoss(loss=terms, **{name: value}),
+                     lambda: fused_linear_topk_distill_loss(torch.randn(N, H), torch.randn(V, H),
+                                                            ids, lp, loss=terms, **{name: value})):
+            with pytest.raises(ValueError, match=rf"^{name} cannot be passed beside a term list"):
+                call()

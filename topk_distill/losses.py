@@ -173,10 +173,10 @@ def topk_distill_loss(
     teacher_logprobs: Tensor,
     *,
     loss="fkl",
-    support=UNSET,
-    beta=UNSET,
-    rkl_ratio=UNSET,
-    skew=UNSET,
+    support: Optional[str] = "topk",
+    beta: Optional[float] = 0.5,
+    rkl_ratio: Optional[float] = 0.1,
+    skew: Optional[float] = 0.1,
     temperature: float = 1.0,
     t2_scale: bool = False,
     log_prob_min_clamp: Optional[float] = None,
@@ -202,9 +202,10 @@ def topk_distill_loss(
         loss: ``fkl | rkl | jsd | fkl+rkl | tvd | skl | srkl``, or a list of ``td.Term`` /
             ``(loss, support, weight)`` tuples: the per-row loss is ``sum_i weight_i * L_i``, one
             pass over the logits (SPEC 9.3).
-        support: ``topk | renorm | tail`` (default ``topk``) - which bins the divergence compares.
-        beta, rkl_ratio, skew: the JSD weight, the fkl+rkl mix, the skew-KL lambda (in [0, 1];
-            defaults 0.5, 0.1, 0.1). Not beside a term list (each term has its own).
+        support: ``topk | renorm | tail`` - which bins the divergence compares.
+        beta, rkl_ratio, skew: the JSD weight, the fkl+rkl mix, the skew-KL lambda (in [0, 1]).
+            ``None`` for any of these four means its default (for wrappers that forward them).
+            Beside a term list only None or the default is accepted (each term has its own).
         temperature: divides the student logits; ``t2_scale`` multiplies the loss by T^2.
         log_prob_min_clamp: clamp both sides' log-probs in the K bins (verl semantics).
         mask: ``[...]`` bool, rows that count.
@@ -342,7 +343,7 @@ class TopKDistillLoss(nn.Module):
     ``out = crit(logits, teacher_ids, teacher_logprobs, mask=mask, labels=labels)``
     """
 
-    def __init__(self, *, loss="fkl", support=UNSET, beta=UNSET, rkl_ratio=UNSET, skew=UNSET,
+    def __init__(self, *, loss="fkl", support="topk", beta=0.5, rkl_ratio=0.1, skew=0.1,
                  temperature: float = 1.0, t2_scale: bool = False,
                  log_prob_min_clamp: Optional[float] = None, reduction: str = "mean",
                  tp_group=None, vocab_start: Optional[int] = None,
