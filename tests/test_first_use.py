@@ -357,3 +357,52 @@ def test_beside_a_term_list_only_none_or_the_default_is_accepted():
                                                             ids, lp, loss=terms, **{name: value})):
             with pytest.raises(ValueError, match=rf"^{name} cannot be passed beside a term list"):
                 call()
+
+
+# ----------------------------------------------------------------------------- 8. smaller
+
+@pytest.fixture
+def fresh_teacher_warning(monkeypatch):
+    from topk_distill import _validate
+
+    monkeypatch.setattr(_validate, "_warned_teacher_grad", False)
+
+
+@pytest.mark.parametrize("entry", ["loss", "module", "reference", "fused"])
+def test_teacher_logprobs_that_requires_grad_warns_once(entry, fresh_teacher_warning):
+    import warnings
+
+    ids, lp = _teacher()
+    lp = lp.clone().requires_grad_()
+    z = torch.randn(N, V, requires_grad=True)
+    call = {"loss": lambda: td.topk_distill_loss(z, ids, lp),
+            "module": lambda: td.TopKDistillLoss()(z, ids, lp),
+            "reference": lambda: reference.topk_distill_loss(z, ids, lp),
+            "fused": lambda: fused_linear_topk_distill_loss(torch.randn(N, H, requires_grad=True),
+                                                            torch.randn(V, H),
+                                                            ids, lp)}[entry]
+    with pytest.warns(UserWarning, match="^teacher_logprobs requires grad, but no gradient"):
+        out = call()
+    out.loss.backward()
+    assert lp.grad is None  # indeed no gradient reached it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: the second call is silent
+        call()
+
+
+def test_no_teacher_warning_for_a_detached_teacher_or_without_grad(fresh_teacher_warning):
+    import warnings
+
+    ids, lp = _teacher()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        td.topk_distill_loss(torch.randn(N, V, requires_grad=True), ids, lp)
+        with torch.no_grad():
+            td.topk_distill_loss(torch.randn(N, V), ids, lp.requires_grad_())
+
+
+def test_module_docstrings():
+    for fn in (td.TopKDistillLoss.__init__, td.TopKDistillLoss.forward):
+        assert fn.__doc__ and len(fn.__doc__.split()) > 20, fn.__qualname__
+    assert "teacher_ids" in td.TopKDistillLoss.forward.__doc__
+    assert "topk_distill_loss" in td.TopKDistillLoss.__init__.__doc__

@@ -347,6 +347,28 @@ def check_inplace_backward(logits, inplace_backward) -> None:
             f"output) not read again; pass inplace_backward=False here")
 
 
+_warned_teacher_grad = False
+
+
+def warn_if_teacher_requires_grad(teacher_logprobs) -> None:
+    """The teacher is a constant of the loss (SPEC 3): its log-probs are detached and receive no
+    gradient. A ``teacher_logprobs`` that requires grad (e.g. a teacher run without
+    ``torch.no_grad()``) is most likely a mistake, so it is said once per process (a
+    ``UserWarning``), not an error: the loss and the student's gradient are right either way."""
+    global _warned_teacher_grad
+    if (_warned_teacher_grad or not isinstance(teacher_logprobs, torch.Tensor)
+            or not teacher_logprobs.requires_grad or not torch.is_grad_enabled()
+            or torch.compiler.is_compiling()):
+        return
+    _warned_teacher_grad = True
+    import warnings
+
+    warnings.warn("teacher_logprobs requires grad, but no gradient flows to it: the teacher is a "
+                  "constant of the distillation loss (its log-probs are detached). Compute the "
+                  "teacher under torch.no_grad() or pass teacher_logprobs.detach(); this warning "
+                  "is shown once per process", UserWarning, stacklevel=3)
+
+
 def validate_logits(logits) -> Tuple[Tuple[int, ...], int, int]:
     """``logits`` alone (e.g. for ``student_topk``): ``(leading shape, N, V_r)``."""
     _tensor("logits", logits)
@@ -407,6 +429,7 @@ def validate_args(logits, teacher_ids, teacher_logprobs, *, loss="fkl", support=
     shapes = validate_tensors(logits, teacher_ids, teacher_logprobs, mask,
                               tp_group=tp_group, vocab_start=vocab_start, labels=labels)
     check_inplace_backward(logits, opts.inplace_backward)
+    warn_if_teacher_requires_grad(teacher_logprobs)
     return Args(*opts, *shapes)
 
 

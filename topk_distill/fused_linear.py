@@ -434,6 +434,7 @@ def fused_linear_topk_distill_loss(
                                                   teacher_logprobs, mask, tp_group, vocab_start,
                                                   labels)
 
+    _validate.warn_if_teacher_requires_grad(teacher_logprobs)
     hidden2d = hidden.reshape(n, hidden.shape[-1])
     if not hidden2d.is_contiguous():
         hidden2d = hidden2d.contiguous()

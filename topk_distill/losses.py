@@ -350,6 +350,14 @@ class TopKDistillLoss(nn.Module):
                  inplace_backward: bool = False, check_inputs: bool = True,
                  return_entropy: bool = False, student_topk: Optional[int] = None,
                  missing_teacher: str = "error"):
+        """Fix every keyword of :func:`topk_distill_loss` except the per-call tensors (``mask``
+        and ``labels`` go to :meth:`forward`); each means what it means there (the defaults
+        are the same, ``None`` for support / beta / rkl_ratio / skew means the default).
+
+        The scalar options are checked here, so a bad one raises the same ``ValueError`` /
+        ``TypeError`` at construction instead of at the first step; ``tp_group`` and
+        ``vocab_start`` are checked at the first call (they need the process group). The
+        module holds no parameters or buffers; ``self.kwargs`` is what each call passes."""
         super().__init__()
         self.kwargs = dict(loss=loss, support=support, beta=beta, rkl_ratio=rkl_ratio, skew=skew,
                            temperature=temperature, t2_scale=t2_scale,
@@ -365,6 +373,23 @@ class TopKDistillLoss(nn.Module):
     def forward(self, logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor,
                 mask: Optional[Tensor] = None, labels: Optional[Tensor] = None
                 ) -> TopKDistillOutput:
+        """``topk_distill_loss(logits, teacher_ids, teacher_logprobs, mask=mask, labels=labels,
+        **self.kwargs)``.
+
+        Args:
+            logits: ``[..., V_r]`` student logits (this rank's vocab shard under TP); a view
+                whose leading dims fold into two strides is read in place, a jagged nested
+                tensor ``[B, j, V_r]`` is accepted.
+            teacher_ids: ``[..., K]`` global vocab ids (int32 / int64), negative = padding.
+            teacher_logprobs: ``[..., K]`` teacher log-probs over the full vocab (no gradient
+                flows to them).
+            mask: ``[...]`` bool, the rows that count (None: all).
+            labels: ``[...]`` int ids of the sampled tokens -> ``label_logprobs`` (None: not
+                computed).
+
+        Returns:
+            ``TopKDistillOutput`` (read the fields by name; those not asked for are None).
+        """
         return topk_distill_loss(logits, teacher_ids, teacher_logprobs, mask=mask, labels=labels,
                                  **self.kwargs)
 
