@@ -406,3 +406,46 @@ def test_module_docstrings():
         assert fn.__doc__ and len(fn.__doc__.split()) > 20, fn.__qualname__
     assert "teacher_ids" in td.TopKDistillLoss.forward.__doc__
     assert "topk_distill_loss" in td.TopKDistillLoss.__init__.__doc__
+
+
+_TEARDOWN_SCRIPT = r"""
+import torch
+import torch.distributed as dist
+import topk_distill as td
+
+dist.init_process_group("gloo")
+try:
+    n = 4 + dist.get_rank()  # the ranks disagree on N: a ValueError on every rank
+    ids = torch.randint(0, 20, (n, 3))
+    lp = torch.log_softmax(torch.randn(n, 3), -1)
+    td.topk_distill_loss(torch.randn(n, 10), ids, lp, tp_group=dist.group.WORLD)
+finally:
+    dist.destroy_process_group()
+"""
+
+
+def test_documented_tp_teardown_exits_cleanly_after_a_value_error(tmp_path):
+    """docs/TP.md's teardown (destroy_process_group in a finally) around a bad-input call under
+    torchrun: every rank raises the ValueError and exits through the normal path, no abort."""
+    import os
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    from _dist_utils import free_port
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    tp_md = (root / "docs" / "TP.md").read_text()
+    assert re.search(r"## Teardown.*try:.*finally:\n\s+dist\.destroy_process_group\(\)", tp_md,
+                     re.S)
+    script = tmp_path / "bad_tp.py"
+    script.write_text(_TEARDOWN_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(root), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                          str(script)], capture_output=True, text=True, env=env, timeout=300)
+    log = out.stdout + out.stderr
+    assert out.returncode != 0  # the exception still ends the job, as it should
+    assert log.count("ValueError: logits: the ranks of tp_group disagree") == 2, log[-3000:]
+    assert "terminate called" not in log and "Signal 6" not in log and "SIGABRT" not in log, log
