@@ -16,7 +16,7 @@ in turn, so a shared machine's background load hits them alike) and its peak mem
   layout       the loss on contiguous [B*T, V] logits | on logits[:, :-1] of a [B, T + 1, V]
                tensor (a view with two leading strides, no copy; issue 14)
 
-Writes benchmarks/results/features_<device>.{json,md}.
+Writes benchmarks/results/features_<device>.{json,md} (`--out` another folder).
 """
 from __future__ import annotations
 
@@ -152,12 +152,13 @@ def main(argv=None):
     ap.add_argument("--v", type=int, default=32000)
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--out", default=str(common.RESULTS), help="results folder")
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args(argv)
     device = common.pick_device(args.device)
     rows = run(args.n, args.v, args.k, args.reps, args.warmup, device)
     doc = {"environment": common.environment(device, "benchmarks.features", argv), "rows": rows}
-    common.write_results(f"features_{device.type}", doc, markdown(doc))
+    common.write_results(f"features_{device.type}", doc, markdown(doc), out_dir=args.out)
     return 0
 
 

@@ -19,7 +19,7 @@ Each (method, shape) runs in a fresh subprocess, so that its peak memory is its 
 ``max_memory_allocated`` minus the memory held before the call; on CPU the peak resident set
 (Linux VmHWM, reset just before the call) minus the resident set before it. Time: the median
 over ``--reps`` timed runs after one warm-up, wall clock and (what a machine shared with other
-jobs distorts less) the process's CPU time summed over its threads. Writes benchmarks/results/fused_linear_<device>.json
+jobs distorts less) the process's CPU time summed over its threads. Writes benchmarks/results/fused_linear_<device>.json (`--out`: another folder)
 and .md with the device, torch version, commit and command.
 """
 from __future__ import annotations
@@ -220,9 +220,9 @@ def _fmt(cell, key, fmt):
     return "skipped" if "skipped" in cell else "error"
 
 
-def write_results(device, rows, meta):
-    os.makedirs(RESULTS, exist_ok=True)
-    base = os.path.join(RESULTS, f"fused_linear_{device}")
+def write_results(device, rows, meta, out_dir=RESULTS):
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f"fused_linear_{device}")
     with open(base + ".json", "w") as f:
         json.dump({**meta, "rows": rows}, f, indent=2)
     key = "cpu_time_ms" if device == "cpu" else "time_ms"
@@ -281,6 +281,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--chunk-size", type=int, default=None, help="default: automatic")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--out", default=str(RESULTS), help="results folder")
     args = p.parse_args(argv)
     devices = ["cpu", "cuda"] if args.device == "auto" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
@@ -296,7 +297,7 @@ def main(argv=None):
         meta = {"device": device, "device_name": _device_name(device), "torch": torch.__version__,
                 "cuda": torch.version.cuda, "commit": _commit(), "reps": args.reps,
                 "command": ("python -m benchmarks.fused_linear " + " ".join(argv)).strip()}
-        write_results(device, rows, meta)
+        write_results(device, rows, meta, args.out)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ the O(V) pass with K = 1. The claim: `repeat - distinct` (the cost of resolving 
 below the K = 1 pass. Backends: the native kernels and the CUDA kernels (emulated on CPU
 tensors, `emulated_cuda`; the real ones with --device cuda). Medians of round-robin runs.
 
-Writes benchmarks/results/repeated_ids_<device>.{json,md}.
+Writes benchmarks/results/repeated_ids_<device>.{json,md} (`--out` another folder).
 """
 from __future__ import annotations
 
@@ -95,13 +95,14 @@ def main(argv=None):
     ap.add_argument("--v", type=int, default=32000)
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--out", default=str(common.RESULTS), help="results folder")
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args(argv)
     device = common.pick_device(args.device)
     rows = run(args.n, args.v, args.k, args.reps, args.warmup, device)
     doc = {"environment": common.environment(device, "benchmarks.repeated_ids", argv),
            "rows": rows}
-    common.write_results(f"repeated_ids_{device.type}", doc, markdown(doc))
+    common.write_results(f"repeated_ids_{device.type}", doc, markdown(doc), out_dir=args.out)
     return 0
 
 

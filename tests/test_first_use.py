@@ -310,3 +310,142 @@ def test_fused_head_on_the_packed_values_equals_the_unfused_jagged_loss():
     unfused = td.topk_distill_loss(_jagged(hidden @ weight.t(), offsets), _jagged(ids, offsets),
                                    _jagged(lp.double(), offsets)).loss
     torch.testing.assert_close(fused, unfused)
+
+
+# ----------------------------------------------------------------------------- 6. visible defaults
+
+_LOSS_PARAMS = {"support": "topk", "beta": 0.5, "rkl_ratio": 0.1, "skew": 0.1}
+_WITH_LOSS_PARAMS = [td.topk_distill_loss, td.TopKDistillLoss, reference.topk_distill_loss,
+                     fused_linear_topk_distill_loss, td.FusedLinearTopKDistillLoss]
+
+
+@pytest.mark.parametrize("fn", _WITH_LOSS_PARAMS, ids=lambda f: f.__qualname__)
+def test_signatures_show_the_documented_defaults(fn):
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    assert {k: params[k].default for k in _LOSS_PARAMS} == _LOSS_PARAMS
+    assert "UNSET" not in str(inspect.signature(fn))
+
+
+def test_none_means_the_default_for_a_wrapper():
+    """A wrapper forwards its own optional arguments as None when its caller passed nothing."""
+    ids, lp = _teacher()
+    z = torch.randn(N, V)
+    for loss in ("jsd", "fkl+rkl", "skl"):
+        want = td.topk_distill_loss(z, ids, lp, loss=loss).loss
+        got = td.topk_distill_loss(z, ids, lp, loss=loss, support=None, beta=None,
+                                   rkl_ratio=None, skew=None).loss
+        assert torch.equal(got, want), loss
+        assert torch.equal(td.TopKDistillLoss(loss=loss, beta=None)(z, ids, lp).loss, want)
+        ref = reference.topk_distill_loss(z, ids, lp, loss=loss, beta=None, skew=None).loss
+        torch.testing.assert_close(ref, want)
+
+
+def test_beside_a_term_list_only_none_or_the_default_is_accepted():
+    ids, lp = _teacher()
+    z = torch.randn(N, V)
+    terms = [("fkl", "topk", 0.9), td.Term("jsd", "renorm", 0.1, beta=0.3)]
+    want = td.topk_distill_loss(z, ids, lp, loss=terms).loss
+    for kw in (dict(support=None, beta=None, rkl_ratio=None, skew=None), dict(_LOSS_PARAMS)):
+        assert torch.equal(td.topk_distill_loss(z, ids, lp, loss=terms, **kw).loss, want), kw
+        td.TopKDistillLoss(loss=terms, **kw)
+    for name, value in (("support", "tail"), ("beta", 0.3), ("rkl_ratio", 0.0), ("skew", 1.0)):
+        for call in (lambda: td.topk_distill_loss(z, ids, lp, loss=terms, **{name: value}),
+                     lambda: td.TopKDistillLoss(loss=terms, **{name: value}),
+                     lambda: fused_linear_topk_distill_loss(torch.randn(N, H), torch.randn(V, H),
+                                                            ids, lp, loss=terms, **{name: value})):
+            with pytest.raises(ValueError, match=rf"^{name} cannot be passed beside a term list"):
+                call()
+
+
+# ----------------------------------------------------------------------------- 8. smaller
+
+@pytest.fixture
+def fresh_teacher_warning(monkeypatch):
+    from topk_distill import _validate
+
+    monkeypatch.setattr(_validate, "_warned_teacher_grad", False)
+
+
+@pytest.mark.parametrize("entry", ["loss", "module", "reference", "fused"])
+def test_teacher_logprobs_that_requires_grad_warns_once(entry, fresh_teacher_warning):
+    import warnings
+
+    ids, lp = _teacher()
+    lp = lp.clone().requires_grad_()
+    z = torch.randn(N, V, requires_grad=True)
+    call = {"loss": lambda: td.topk_distill_loss(z, ids, lp),
+            "module": lambda: td.TopKDistillLoss()(z, ids, lp),
+            "reference": lambda: reference.topk_distill_loss(z, ids, lp),
+            "fused": lambda: fused_linear_topk_distill_loss(torch.randn(N, H, requires_grad=True),
+                                                            torch.randn(V, H),
+                                                            ids, lp)}[entry]
+    with pytest.warns(UserWarning, match="^teacher_logprobs requires grad, but no gradient"):
+        out = call()
+    out.loss.backward()
+    assert lp.grad is None  # indeed no gradient reached it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: the second call is silent
+        call()
+
+
+def test_no_teacher_warning_for_a_detached_teacher_or_without_grad(fresh_teacher_warning):
+    import warnings
+
+    ids, lp = _teacher()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        td.topk_distill_loss(torch.randn(N, V, requires_grad=True), ids, lp)
+        with torch.no_grad():
+            td.topk_distill_loss(torch.randn(N, V), ids, lp.requires_grad_())
+
+
+def test_module_docstrings():
+    for fn in (td.TopKDistillLoss.__init__, td.TopKDistillLoss.forward):
+        assert fn.__doc__ and len(fn.__doc__.split()) > 20, fn.__qualname__
+    assert "teacher_ids" in td.TopKDistillLoss.forward.__doc__
+    assert "topk_distill_loss" in td.TopKDistillLoss.__init__.__doc__
+
+
+_TEARDOWN_SCRIPT = r"""
+import torch
+import torch.distributed as dist
+import topk_distill as td
+
+dist.init_process_group("gloo")
+try:
+    n = 4 + dist.get_rank()  # the ranks disagree on N: a ValueError on every rank
+    ids = torch.randint(0, 20, (n, 3))
+    lp = torch.log_softmax(torch.randn(n, 3), -1)
+    td.topk_distill_loss(torch.randn(n, 10), ids, lp, tp_group=dist.group.WORLD)
+finally:
+    dist.destroy_process_group()
+"""
+
+
+def test_documented_tp_teardown_exits_cleanly_after_a_value_error(tmp_path):
+    """docs/TP.md's teardown (destroy_process_group in a finally) around a bad-input call under
+    torchrun: every rank raises the ValueError and exits through the normal path, no abort."""
+    import os
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    from _dist_utils import free_port
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    tp_md = (root / "docs" / "TP.md").read_text()
+    assert re.search(r"## Teardown.*try:.*finally:\n\s+dist\.destroy_process_group\(\)", tp_md,
+                     re.S)
+    script = tmp_path / "bad_tp.py"
+    script.write_text(_TEARDOWN_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(root), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                          str(script)], capture_output=True, text=True, env=env, timeout=300)
+    log = out.stdout + out.stderr
+    assert out.returncode != 0  # the exception still ends the job, as it should
+    assert log.count("ValueError: logits: the ranks of tp_group disagree") == 2, log[-3000:]
+    assert "terminate called" not in log and "Signal 6" not in log and "SIGABRT" not in log, log

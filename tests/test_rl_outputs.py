@@ -405,10 +405,10 @@ def test_verl_recipe_kl_rkl_equals_two_separate_calls(device):
 
 _LIST = [("fkl",), ("rkl", "renorm", 0.1)]
 MIXTURE_ERRORS = [
-    (dict(loss=_LIST, support="topk"), ValueError, "support cannot be passed beside"),
-    (dict(loss=_LIST, beta=0.5), ValueError, "beta cannot be passed beside"),
-    (dict(loss=_LIST, rkl_ratio=0.1), ValueError, "rkl_ratio cannot be passed beside"),
-    (dict(loss=_LIST, skew=0.1), ValueError, "skew cannot be passed beside"),
+    (dict(loss=_LIST, support="renorm"), ValueError, "support cannot be passed beside"),
+    (dict(loss=_LIST, beta=0.25), ValueError, "beta cannot be passed beside"),
+    (dict(loss=_LIST, rkl_ratio=0.5), ValueError, "rkl_ratio cannot be passed beside"),
+    (dict(loss=_LIST, skew=0.9), ValueError, "skew cannot be passed beside"),
     (dict(loss=[Term("fkl")], support="renorm"), ValueError, "support cannot be passed beside"),
     (dict(loss=[]), ValueError, "loss must be a loss name or a non-empty sequence"),
     (dict(loss=()), ValueError, "loss must be a loss name or a non-empty sequence"),

@@ -10,10 +10,13 @@ argument. Both code paths call these functions, so they raise identical errors.
 * :func:`check_data` - the ``check_inputs=True`` data checks: ONE host sync for all of them.
 * :func:`validate_k` / :func:`check_k_fits` - the ``k`` of the student's own top-k (SPEC 9.4).
 
-``support`` / ``beta`` / ``rkl_ratio`` / ``skew`` default to the sentinel :data:`UNSET`, so that
-passing any of them beside a term list can be told from not passing it (SPEC 9.3); with a single
-loss name UNSET resolves to the documented defaults ``"topk"``, 0.5, 0.1, 0.1. Plain values are
-accepted as before.
+``support`` / ``beta`` / ``rkl_ratio`` / ``skew`` default to their documented values ``"topk"``,
+0.5, 0.1, 0.1 (:data:`DEFAULTS`, visible in every signature), and ``None`` means the same (what a
+wrapper forwards when its caller passed nothing). Beside a term list (SPEC 9.3) each of them must
+be ``None`` or its default: a default is indistinguishable from not passing it, and it is also
+every ``td.Term``'s own default, so it cannot contradict a term; any other value is a
+``ValueError`` (DECISIONS 17). :data:`UNSET` (the former sentinel default) still means "not
+passed".
 
 The tensor-parallel shard layout (and its cross-rank N / K / vocab_start checks) lives in ONE place,
 :func:`topk_distill.parallel.resolve_layout`, used by the kernel API and the reference alike.
@@ -47,10 +50,11 @@ class _Unset:
         return "UNSET"
 
 
-#: Default of ``support`` / ``beta`` / ``rkl_ratio`` / ``skew``: not passed (see the module doc).
+#: "Not passed", as ``None`` (the former default of support / beta / rkl_ratio / skew; kept so
+#: that code passing it still works).
 UNSET = _Unset()
 
-#: What UNSET means beside a single loss name (SPEC 8).
+#: The defaults of support / beta / rkl_ratio / skew (SPEC 8); also td.Term's.
 DEFAULTS = {"support": "topk", "beta": 0.5, "rkl_ratio": 0.1, "skew": 0.1}
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -150,7 +154,7 @@ def _terms(loss, support, beta, rkl_ratio, skew):
     rkl_ratio, skew, terms), see :class:`Options`."""
     given = {name: value for name, value in (("support", support), ("beta", beta),
                                               ("rkl_ratio", rkl_ratio), ("skew", skew))
-             if value is not UNSET}
+             if value is not None and value is not UNSET}
     if not isinstance(loss, Sequence):  # not a str, not a list: neither form
         raise TypeError(f"loss must be a str, one of {LOSSES}, or a sequence of td.Term / "
                         f"(loss, support, weight) tuples; got {type(loss).__name__}")
@@ -169,9 +173,14 @@ def _terms(loss, support, beta, rkl_ratio, skew):
     if len(loss) == 0:
         raise ValueError("loss must be a loss name or a non-empty sequence of td.Term / "
                          "(loss, support, weight) tuples; got an empty sequence")
+    # The default (== td.Term's default) beside a term list is the same as not passing it.
+    given = {name: value for name, value in given.items()
+             if type(value) is bool or value != DEFAULTS[name]}
     if given:
         raise ValueError(f"{', '.join(given)} cannot be passed beside a term list (loss=[...]): "
-                         f"each td.Term carries its own support, beta, rkl_ratio and skew")
+                         f"each td.Term carries its own support, beta, rkl_ratio and skew "
+                         f"(only None or the default is accepted here); got "
+                         f"{', '.join(f'{k}={v!r}' for k, v in given.items())}")
     terms = tuple(_term(i, item) for i, item in enumerate(loss))
     return terms, None, None, None, None, terms
 
@@ -199,7 +208,7 @@ def validate_temperature(temperature) -> float:
     return temperature
 
 
-def validate_options(*, loss="fkl", support=UNSET, beta=UNSET, rkl_ratio=UNSET, skew=UNSET,
+def validate_options(*, loss="fkl", support="topk", beta=0.5, rkl_ratio=0.1, skew=0.1,
                      temperature=1.0, t2_scale=False, log_prob_min_clamp=None,
                      reduction="mean", inplace_backward=False, check_inputs=True,
                      return_entropy=False, student_topk=None, missing_teacher="error") -> Options:
@@ -338,6 +347,28 @@ def check_inplace_backward(logits, inplace_backward) -> None:
             f"output) not read again; pass inplace_backward=False here")
 
 
+_warned_teacher_grad = False
+
+
+def warn_if_teacher_requires_grad(teacher_logprobs) -> None:
+    """The teacher is a constant of the loss (SPEC 3): its log-probs are detached and receive no
+    gradient. A ``teacher_logprobs`` that requires grad (e.g. a teacher run without
+    ``torch.no_grad()``) is most likely a mistake, so it is said once per process (a
+    ``UserWarning``), not an error: the loss and the student's gradient are right either way."""
+    global _warned_teacher_grad
+    if (_warned_teacher_grad or not isinstance(teacher_logprobs, torch.Tensor)
+            or not teacher_logprobs.requires_grad or not torch.is_grad_enabled()
+            or torch.compiler.is_compiling()):
+        return
+    _warned_teacher_grad = True
+    import warnings
+
+    warnings.warn("teacher_logprobs requires grad, but no gradient flows to it: the teacher is a "
+                  "constant of the distillation loss (its log-probs are detached). Compute the "
+                  "teacher under torch.no_grad() or pass teacher_logprobs.detach(); this warning "
+                  "is shown once per process", UserWarning, stacklevel=3)
+
+
 def validate_logits(logits) -> Tuple[Tuple[int, ...], int, int]:
     """``logits`` alone (e.g. for ``student_topk``): ``(leading shape, N, V_r)``."""
     _tensor("logits", logits)
@@ -382,8 +413,8 @@ class Args(NamedTuple):
 assert Args._fields == Options._fields + Shapes._fields
 
 
-def validate_args(logits, teacher_ids, teacher_logprobs, *, loss="fkl", support=UNSET,
-                  beta=UNSET, rkl_ratio=UNSET, skew=UNSET, temperature=1.0, t2_scale=False,
+def validate_args(logits, teacher_ids, teacher_logprobs, *, loss="fkl", support="topk",
+                  beta=0.5, rkl_ratio=0.1, skew=0.1, temperature=1.0, t2_scale=False,
                   log_prob_min_clamp=None, mask=None, reduction="mean", tp_group=None,
                   vocab_start=None, inplace_backward=False, check_inputs=True, labels=None,
                   return_entropy=False, student_topk=None, missing_teacher="error") -> Args:
@@ -398,6 +429,7 @@ def validate_args(logits, teacher_ids, teacher_logprobs, *, loss="fkl", support=
     shapes = validate_tensors(logits, teacher_ids, teacher_logprobs, mask,
                               tp_group=tp_group, vocab_start=vocab_start, labels=labels)
     check_inplace_backward(logits, opts.inplace_backward)
+    warn_if_teacher_requires_grad(teacher_logprobs)
     return Args(*opts, *shapes)
 
 

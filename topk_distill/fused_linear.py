@@ -430,10 +430,10 @@ def fused_linear_topk_distill_loss(
     bias: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
     loss="fkl",
-    support=UNSET,
-    beta=UNSET,
-    rkl_ratio=UNSET,
-    skew=UNSET,
+    support: Optional[str] = "topk",
+    beta: Optional[float] = 0.5,
+    rkl_ratio: Optional[float] = 0.1,
+    skew: Optional[float] = 0.1,
     temperature: float = 1.0,
     t2_scale: bool = False,
     log_prob_min_clamp: Optional[float] = None,
@@ -501,6 +501,7 @@ def fused_linear_topk_distill_loss(
                                                   teacher_logprobs, mask, tp_group, vocab_start,
                                                   labels)
 
+    _validate.warn_if_teacher_requires_grad(teacher_logprobs)
     hidden2d = hidden.reshape(n, hidden.shape[-1])
     if not hidden2d.is_contiguous():
         hidden2d = hidden2d.contiguous()
@@ -556,8 +557,8 @@ class FusedLinearTopKDistillLoss(nn.Module):
     ``out = crit(hidden, lm_head.weight, teacher_ids, teacher_logprobs, mask=mask)``
     """
 
-    def __init__(self, *, chunk_size: Optional[int] = None, loss="fkl", support=UNSET,
-                 beta=UNSET, rkl_ratio=UNSET, skew=UNSET, temperature: float = 1.0,
+    def __init__(self, *, chunk_size: Optional[int] = None, loss="fkl", support="topk",
+                 beta=0.5, rkl_ratio=0.1, skew=0.1, temperature: float = 1.0,
                  t2_scale: bool = False, log_prob_min_clamp: Optional[float] = None,
                  reduction: str = "mean", tp_group=None, vocab_start: Optional[int] = None,
                  check_inputs: bool = True, weight_grad_fp32: bool = False,

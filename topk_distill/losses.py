@@ -175,10 +175,10 @@ def topk_distill_loss(
     teacher_logprobs: Tensor,
     *,
     loss="fkl",
-    support=UNSET,
-    beta=UNSET,
-    rkl_ratio=UNSET,
-    skew=UNSET,
+    support: Optional[str] = "topk",
+    beta: Optional[float] = 0.5,
+    rkl_ratio: Optional[float] = 0.1,
+    skew: Optional[float] = 0.1,
     temperature: float = 1.0,
     t2_scale: bool = False,
     log_prob_min_clamp: Optional[float] = None,
@@ -204,9 +204,10 @@ def topk_distill_loss(
         loss: ``fkl | rkl | jsd | fkl+rkl | tvd | skl | srkl``, or a list of ``td.Term`` /
             ``(loss, support, weight)`` tuples: the per-row loss is ``sum_i weight_i * L_i``, one
             pass over the logits (SPEC 9.3).
-        support: ``topk | renorm | tail`` (default ``topk``) - which bins the divergence compares.
-        beta, rkl_ratio, skew: the JSD weight, the fkl+rkl mix, the skew-KL lambda (in [0, 1];
-            defaults 0.5, 0.1, 0.1). Not beside a term list (each term has its own).
+        support: ``topk | renorm | tail`` - which bins the divergence compares.
+        beta, rkl_ratio, skew: the JSD weight, the fkl+rkl mix, the skew-KL lambda (in [0, 1]).
+            ``None`` for any of these four means its default (for wrappers that forward them).
+            Beside a term list only None or the default is accepted (each term has its own).
         temperature: divides the student logits; ``t2_scale`` multiplies the loss by T^2.
         log_prob_min_clamp: clamp both sides' log-probs in the K bins (verl semantics).
         mask: ``[...]`` bool, rows that count.
@@ -340,13 +341,21 @@ class TopKDistillLoss(nn.Module):
     ``out = crit(logits, teacher_ids, teacher_logprobs, mask=mask, labels=labels)``
     """
 
-    def __init__(self, *, loss="fkl", support=UNSET, beta=UNSET, rkl_ratio=UNSET, skew=UNSET,
+    def __init__(self, *, loss="fkl", support="topk", beta=0.5, rkl_ratio=0.1, skew=0.1,
                  temperature: float = 1.0, t2_scale: bool = False,
                  log_prob_min_clamp: Optional[float] = None, reduction: str = "mean",
                  tp_group=None, vocab_start: Optional[int] = None,
                  inplace_backward: bool = False, check_inputs: bool = True,
                  return_entropy: bool = False, student_topk: Optional[int] = None,
                  missing_teacher: str = "error"):
+        """Fix every keyword of :func:`topk_distill_loss` except the per-call tensors (``mask``
+        and ``labels`` go to :meth:`forward`); each means what it means there (the defaults
+        are the same, ``None`` for support / beta / rkl_ratio / skew means the default).
+
+        The scalar options are checked here, so a bad one raises the same ``ValueError`` /
+        ``TypeError`` at construction instead of at the first step; ``tp_group`` and
+        ``vocab_start`` are checked at the first call (they need the process group). The
+        module holds no parameters or buffers; ``self.kwargs`` is what each call passes."""
         super().__init__()
         self.kwargs = dict(loss=loss, support=support, beta=beta, rkl_ratio=rkl_ratio, skew=skew,
                            temperature=temperature, t2_scale=t2_scale,
@@ -362,6 +371,23 @@ class TopKDistillLoss(nn.Module):
     def forward(self, logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor,
                 mask: Optional[Tensor] = None, labels: Optional[Tensor] = None
                 ) -> TopKDistillOutput:
+        """``topk_distill_loss(logits, teacher_ids, teacher_logprobs, mask=mask, labels=labels,
+        **self.kwargs)``.
+
+        Args:
+            logits: ``[..., V_r]`` student logits (this rank's vocab shard under TP); a view
+                whose leading dims fold into two strides is read in place, a jagged nested
+                tensor ``[B, j, V_r]`` is accepted.
+            teacher_ids: ``[..., K]`` global vocab ids (int32 / int64), negative = padding.
+            teacher_logprobs: ``[..., K]`` teacher log-probs over the full vocab (no gradient
+                flows to them).
+            mask: ``[...]`` bool, the rows that count (None: all).
+            labels: ``[...]`` int ids of the sampled tokens -> ``label_logprobs`` (None: not
+                computed).
+
+        Returns:
+            ``TopKDistillOutput`` (read the fields by name; those not asked for are None).
+        """
         return topk_distill_loss(logits, teacher_ids, teacher_logprobs, mask=mask, labels=labels,
                                  **self.kwargs)
 

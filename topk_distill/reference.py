@@ -345,8 +345,8 @@ def _with_nan_gradient_rows(rows: torch.Tensor, z: torch.Tensor):
 
 
 @_layout.accepts_jagged  # SPEC 9.1: jagged nested tensors run on their packed values
-def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", support=UNSET,
-                      beta=UNSET, rkl_ratio=UNSET, skew=UNSET, temperature=1.0, t2_scale=False,
+def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", support="topk",
+                      beta=0.5, rkl_ratio=0.1, skew=0.1, temperature=1.0, t2_scale=False,
                       log_prob_min_clamp=None, mask=None, reduction="mean", tp_group=None,
                       vocab_start=None, inplace_backward=False, check_inputs=True, labels=None,
                       return_entropy=False, student_topk=None, missing_teacher="error"
@@ -364,7 +364,7 @@ def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", supp
 
     ``loss``: a name, or a sequence of :class:`~topk_distill.Term` / ``(loss, support, weight)``
     tuples (per row ``sum_i weight_i * L_i``, SPEC 9.3); ``support`` / ``beta`` / ``rkl_ratio``
-    / ``skew`` then stay unset. SPEC 9.2 / 9.4 / 9.5 (all per row, never reduced; ``t2_scale``
+    / ``skew`` then stay at their defaults (or None). SPEC 9.2 / 9.4 / 9.5 (all per row, never reduced; ``t2_scale``
     applies to the loss only):
       * ``labels`` [...] -> ``label_logprobs`` = z_y / T - LSE (compute dtype, differentiable; 0
         for an ignored label < 0 or a masked row; NaN for a label >= V with check_inputs=False);
