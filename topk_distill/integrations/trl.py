@@ -261,7 +261,8 @@ _PATCH: Optional[TrlPatch] = None
 def patch_trl() -> TrlPatch:
     """Run TRL's served-teacher distillation trainers on topk-distill's kernels:
 
-    * ``ServerDistillationTrainer.compute_loss`` becomes :func:`server_compute_loss`;
+    * ``ServerDistillationTrainer.compute_loss`` becomes :func:`server_compute_loss` (under
+      TRL's ``profiling_decorator``, as TRL's own; the method's ``.topk_distill`` names it);
     * ``async_distillation_trainer._chunked_jsd_loss`` (a module global, looked up at each
       ``_compute_loss``) becomes :func:`chunked_jsd_loss`.
 
@@ -282,7 +283,12 @@ def patch_trl() -> TrlPatch:
         cls = server.ServerDistillationTrainer
         patch.originals[(_SERVER_MODULE, "ServerDistillationTrainer", "compute_loss")] = \
             cls.__dict__["compute_loss"]
-        cls.compute_loss = server_compute_loss
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return server_compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        # TRL's own profiling wrapper, so its "compute_loss" timing metric is still logged.
+        cls.compute_loss = server.profiling_decorator(compute_loss)
+        cls.compute_loss.topk_distill = server_compute_loss
     except ImportError as e:
         patch.skipped[_SERVER_MODULE] = f"{type(e).__name__}: {e}"
         errors[_SERVER_MODULE] = e
