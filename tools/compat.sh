@@ -76,7 +76,7 @@ copy_tree "$ENV_DIR/src"
 b0=$(date +%s)
 (cd "$ENV_DIR/src" && "$OLDPWD/$PY" -m pip install --no-build-isolation --no-deps -v . \
    > "../build.log" 2>&1) || { tail -60 "$ENV_DIR/build.log"; echo "== compat $VER: BUILD FAILED (log: $ENV_DIR/build.log)"; exit 1; }
-grep -E "^\[topk_distill setup\]" "$ENV_DIR/build.log" | grep -v "sources:" || true
+grep -E "^\s*\[topk_distill setup\]" "$ENV_DIR/build.log" | grep -v "sources:" || true
 step "built and installed in $(( $(date +%s) - b0 )) s"
 
 # --- tests against the installed package ----------------------------------------------------
