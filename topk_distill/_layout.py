@@ -10,8 +10,8 @@ stay flat contiguous ``[N, ...]``. This module is the host-side, metadata-only p
   exists (the caller then copies).
 * :func:`rows_overlap` - whether two distinct rows of such a view share memory (an in-place
   backward must then refuse, as PyTorch's in-place ops refuse internal overlap).
-* :func:`unpack_jagged` / :func:`repack_jagged` / :func:`jagged_values` / :func:`call_on_packed` -
-  jagged nested tensors (``layout=torch.jagged``): compute on the packed ``values()``, hand the
+* :func:`unpack_jagged` / :func:`repack_jagged` / :func:`jagged_values` / :func:`call_on_packed` /
+  :func:`accepts_jagged` - jagged nested tensors (``layout=torch.jagged``): compute on the packed ``values()``, hand the
   per-token outputs back as jagged nested tensors with the same offsets.
 
 Nothing here synchronises with a device except the offsets comparison of :func:`unpack_jagged`
@@ -20,13 +20,18 @@ docs/LAYOUTS.md is the user-facing summary.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from . import _validate
+
 __all__ = ["fold_rows", "rows_overlap", "is_jagged", "any_nested", "jagged_values",
-           "JaggedBatch", "unpack_jagged", "repack_jagged", "call_on_packed"]
+           "JaggedBatch", "unpack_jagged", "repack_jagged", "call_on_packed",
+           "accepts_jagged"]
 
 
 # ============================================================================ fold_rows
@@ -394,13 +399,14 @@ def call_on_packed(fn: Callable, logits, teacher_ids, teacher_logprobs, mask=Non
     (0-d) loss stays a plain tensor. When the logits are plain (a jagged teacher with packed
     logits) nothing is repacked. ``labels`` is unpacked too when passed in ``kwargs``.
 
-    This is how ``reference.topk_distill_loss`` takes jagged input: its first statement passes
-    its own arguments here (``locals()``), so arguments added later are forwarded too.
+    This is how the ``topk_distill_loss`` functions take jagged input (:func:`accepts_jagged`).
     """
     for name, value in kwargs.items():  # (else fn, seeing a nested tensor, would recurse)
         if name != "labels" and isinstance(value, Tensor) and value.is_nested:
             raise TypeError(f"{name} cannot be a nested tensor (only logits, teacher_ids, "
                             f"teacher_logprobs, mask and labels can be jagged)")
+    # Checked here, on the nested tensor itself: its packed values are a view of no leaf.
+    _validate.check_inplace_backward(logits, kwargs.get("inplace_backward"))
     has_labels = "labels" in kwargs
     batch = unpack_jagged(logits, teacher_ids, teacher_logprobs, mask, kwargs.get("labels"),
                           check_inputs=kwargs.get("check_inputs", True))
@@ -412,3 +418,29 @@ def call_on_packed(fn: Callable, logits, teacher_ids, teacher_logprobs, mask=Non
     return out._replace(**{
         name: batch.repack(value) for name, value in zip(out._fields, out)
         if isinstance(value, Tensor) and value.dim() >= 1})
+
+
+def accepts_jagged(fn: Callable) -> Callable:
+    """Decorator: ``fn`` called with any nested tensor argument runs as
+    ``call_on_packed(fn, **every argument)`` (SPEC 9.1), else as itself.
+
+    The arguments are bound by name from ``fn``'s signature, read once here, with dict operations
+    that torch.compile traces on every supported torch (``locals()`` inside ``fn`` did the same,
+    but torch 2.11's dynamo cannot trace the builtin ``locals()``). Parameters added to
+    ``fn`` later are forwarded, and checked for nesting, without a change here.
+    """
+    params = inspect.signature(fn).parameters
+    names = tuple(params)
+    defaults = {name: p.default for name, p in params.items()
+                if p.default is not inspect.Parameter.empty}
+
+    @functools.wraps(fn)
+    def with_jagged(*args, **kwargs):
+        if any_nested(*args, *kwargs.values()):
+            call = dict(defaults)
+            call.update(zip(names, args))
+            call.update(kwargs)
+            return call_on_packed(fn, **call)
+        return fn(*args, **kwargs)
+
+    return with_jagged

@@ -104,6 +104,7 @@ class _TopKDistillFunction(torch.autograd.Function):
                 cfg.terms, cfg.log_prob_min_clamp, cfg.loss_scale, labels, cfg.with_entropy)
         ctx.save_for_backward(logits, teacher_ids, labels, row_max, row_coefs, g)
         ctx.cfg = cfg
+        ctx.backend = ops.backend()  # the backward runs where the forward ran (ops._ops)
         ctx.set_materialize_grads(False)  # an output nobody uses brings None, not zeros
         ctx.mark_non_differentiable(student_mass, teacher_mass)
         if cfg.topk == 0:
@@ -130,7 +131,7 @@ class _TopKDistillFunction(torch.autograd.Function):
                 cfg.inv_temperature, labels, grad_label, grad_entropy)
         with _nvtx.nvtx_range("backward"):
             if cfg.inplace_backward:
-                ops.backward_(logits, *args)
+                ops.backward_(logits, *args, backend=ctx.backend)
                 # A C++ op's Tensor(a!) write does not bump the version counter by itself: do it,
                 # so that any other node that saved these logits raises autograd's "modified by an
                 # inplace operation" error instead of silently reading a gradient.
@@ -138,7 +139,7 @@ class _TopKDistillFunction(torch.autograd.Function):
                     torch.autograd.graph.increment_version(logits)
                 grad_logits = logits
             else:
-                grad_logits = ops.backward(logits, *args)
+                grad_logits = ops.backward(logits, *args, backend=ctx.backend)
         return grad_logits, None, None, None, None, None
 
 
@@ -167,6 +168,7 @@ def _after_layout(opts, ids2d, lp2d, group_name, start, vocab_size, *, inplace_b
     return ids2d, lp2d, cfg
 
 
+@_layout.accepts_jagged  # SPEC 9.1: jagged nested tensors run on their packed values
 def topk_distill_loss(
     logits: Tensor,
     teacher_ids: Tensor,
@@ -214,9 +216,10 @@ def topk_distill_loss(
             Teacher tensors, mask and labels are replicated. Forward: two collectives (all_reduce
             MAX of [N], all_reduce SUM of [N, 5 + K (+1)]), plus one all_gather of the top-k with
             ``student_topk``; backward: none (docs/TP.md).
-        inplace_backward: write the gradient into the logits' storage (they must not be needed
-            after the backward; misuse raises autograd's in-place error; overlapping rows are a
-            ValueError).
+        inplace_backward: write the gradient into the logits' storage (they must be an
+            intermediate not needed after the backward; misuse raises autograd's in-place error).
+            ValueError for logits that are a leaf requiring grad (an ``nn.Parameter``) or a view
+            of one, and for logits whose rows overlap in memory.
         check_inputs: also check the data (ids and labels < V, teacher log-probs <= 0 and, with
             ``missing_teacher="error"``, not NaN); costs one host sync on CUDA. ``False`` for CUDA
             graphs / no syncs. With ``tp_group`` it also makes one small all_gather so that ranks
@@ -231,10 +234,6 @@ def topk_distill_loss(
     Returns:
         ``TopKDistillOutput``; read the fields by name (the ones not asked for are ``None``).
     """
-    # SPEC 9.1, jagged nested tensors: this function on the packed values, per-token outputs
-    # repacked. MUST stay the first statement: locals() is then exactly this call's arguments.
-    if _layout.any_nested(*locals().values()):
-        return _layout.call_on_packed(topk_distill_loss, **locals())
     args = _validate.validate_args(
         logits, teacher_ids, teacher_logprobs, loss=loss, support=support, beta=beta,
         rkl_ratio=rkl_ratio, skew=skew, temperature=temperature, t2_scale=t2_scale,

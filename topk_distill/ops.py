@@ -63,9 +63,11 @@ def use_backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
-def _ops(t: Tensor):
-    """The op namespace that serves tensors on ``t``'s device under the current backend."""
-    if _backend == "emulated_cuda" and t.device.type == "cpu":
+def _ops(t: Tensor, backend: Optional[str] = None):
+    """The op namespace that serves tensors on ``t``'s device under ``backend`` (default: the
+    current one). The autograd functions pass the backend their forward ran on, so that the
+    backward runs on it too, whatever the backend is when ``backward()`` is called."""
+    if (backend or _backend) == "emulated_cuda" and t.device.type == "cpu":
         return torch.ops.topk_distill_emu
     return torch.ops.topk_distill
 
@@ -93,7 +95,9 @@ def _shard_pass_fake(logits, teacher_ids, labels, vocab_start, inv_temperature, 
     return (
         logits.new_empty((n,), dtype=acc),
         logits.new_empty((n, SHARD_SUMS), dtype=acc),
-        logits.new_empty((n, k + (labels is not None)), dtype=acc),
+        # (an int, not a bool: a symbolic k + True reaches sympy as k + BooleanAtom, a
+        # TypeError in torch 2.11's opcheck)
+        logits.new_empty((n, k + (1 if labels is not None else 0)), dtype=acc),
         logits.new_empty((n, topk), dtype=acc),
         logits.new_empty((n, topk), dtype=torch.int64),
     )
@@ -161,9 +165,10 @@ def epilogue(row_max: Tensor, sums: Tensor, gathered: Tensor, teacher_ids: Tenso
 def backward(logits: Tensor, teacher_ids: Tensor, row_max: Tensor, row_coefs: Tensor,
              grad_logprobs: Tensor, grad_rows: Tensor, vocab_start: int, inv_temperature: float,
              labels: Optional[Tensor] = None, grad_label: Optional[Tensor] = None,
-             grad_entropy: Optional[Tensor] = None) -> Tensor:
-    """Gradient w.r.t. logits, a new contiguous tensor shaped like them, in their dtype."""
-    return _ops(logits).backward(logits, teacher_ids, labels, row_max, row_coefs, grad_logprobs,
+             grad_entropy: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+    """Gradient w.r.t. logits, a new contiguous tensor shaped like them, in their dtype.
+    ``backend``: the forward's (default: the current one)."""
+    return _ops(logits, backend).backward(logits, teacher_ids, labels, row_max, row_coefs, grad_logprobs,
                                  grad_rows, grad_label, grad_entropy, vocab_start,
                                  inv_temperature)
 
@@ -171,7 +176,9 @@ def backward(logits: Tensor, teacher_ids: Tensor, row_max: Tensor, row_coefs: Te
 def backward_(logits: Tensor, teacher_ids: Tensor, row_max: Tensor, row_coefs: Tensor,
               grad_logprobs: Tensor, grad_rows: Tensor, vocab_start: int,
               inv_temperature: float, labels: Optional[Tensor] = None,
-              grad_label: Optional[Tensor] = None, grad_entropy: Optional[Tensor] = None) -> None:
-    """Gradient w.r.t. logits written into the logits' own storage (through their strides)."""
-    _ops(logits).backward_(logits, teacher_ids, labels, row_max, row_coefs, grad_logprobs,
+              grad_label: Optional[Tensor] = None, grad_entropy: Optional[Tensor] = None,
+              backend: Optional[str] = None) -> None:
+    """Gradient w.r.t. logits written into the logits' own storage (through their strides).
+    ``backend``: the forward's (default: the current one)."""
+    _ops(logits, backend).backward_(logits, teacher_ids, labels, row_max, row_coefs, grad_logprobs,
                            grad_rows, grad_label, grad_entropy, vocab_start, inv_temperature)

@@ -176,10 +176,13 @@ def _traced_layout(group_name: str, v_local: int, start: int) -> tuple:
     return tuple(layout)
 
 
-try:  # dynamo runs it once while tracing and bakes the result into the graph (guards: the args)
-    _traced_layout_const = torch._dynamo.assume_constant_result(_traced_layout)
-except AttributeError:  # pragma: no cover - very old torch
-    _traced_layout_const = _traced_layout
+# Dynamo runs it once while tracing and bakes the result into the graph (guards: the args).
+# This is what torch._dynamo.assume_constant_result(fn) does (torch 2.0 to 2.15: it sets this
+# attribute and returns fn), written out because importing torch._dynamo to call it costs
+# ~1.5 s at `import topk_distill` (issue 27); tests/test_first_use.py checks the two agree, and
+# the compile tests in tests/test_tp.py that the compiled graph holds no layout collective.
+_traced_layout._dynamo_marked_constant = True
+_traced_layout_const = _traced_layout
 
 
 def resolve_layout(group: Union[str, "dist.ProcessGroup"], n: int, k: int, v_local: int,

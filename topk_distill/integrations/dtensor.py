@@ -29,6 +29,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from .. import _validate
 from .._types import TopKDistillOutput
 from ..losses import topk_distill_loss
 
@@ -111,6 +112,8 @@ def dtensor_topk_distill_loss(logits, teacher_ids: Tensor, teacher_logprobs: Ten
     for bad in ("tp_group", "vocab_start"):
         if bad in kwargs:
             raise TypeError(f"{bad} comes from the DTensor's device mesh; do not pass it")
+    # On the DTensor itself: its to_local() is a view of no leaf, whatever the DTensor is.
+    _validate.check_inplace_backward(logits, kwargs.get("inplace_backward"))
     tp_dim = _tp_mesh_dim(logits, mesh_dim)
     group = logits.device_mesh.get_group(tp_dim)
     local = logits.to_local()  # differentiable: the gradient comes back as a Shard(-1) DTensor
