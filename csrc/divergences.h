@@ -31,7 +31,7 @@
 namespace topk_distill {
 
 enum class Divergence : int32_t { kFKL = 0, kRKL, kJSD, kFKLRKL, kTVD, kSKL, kSRKL };
-enum class Support : int32_t { kTopK = 0, kRenorm, kTail };
+enum class Support : int32_t { kTopK = 0, kRenorm, kTail, kSampled, kGeneralized };
 
 // Parameters of one loss call, with the derived constants the bins need.
 struct LossParams {
@@ -45,6 +45,7 @@ struct LossParams {
   double loss_scale;  // T^2 with t2_scale, else 1
   double log_beta, log_1m_beta, log_skew, log_1m_skew;
   double outside_coeff;  // topk support: the loss adds outside_coeff * (1 - Q)
+  double generalized_slope;  // generalized support: each bin adds generalized_slope * (b - a)
 };
 
 TD_HD double td_inf() { return std::numeric_limits<double>::infinity(); }
@@ -79,6 +80,16 @@ inline LossParams make_loss_params(Divergence d, Support s, double beta, double 
     case Divergence::kSRKL: p.outside_coeff = skew > 0.0 ? -p.log_skew : 0.0; break;
     default: p.outside_coeff = 0.0; break;
   }
+  // generalized support (SPEC 10.3): fkl - a + b, rkl - b + a, skl - a + m = (1-skew)(b - a),
+  // srkl - b + m' = (1-skew)(a - b), fkl+rkl the mix; JSD and TVD need nothing.
+  switch (p.divergence) {
+    case Divergence::kFKL: p.generalized_slope = 1.0; break;
+    case Divergence::kRKL: p.generalized_slope = -1.0; break;
+    case Divergence::kFKLRKL: p.generalized_slope = 1.0 - 2.0 * rkl_ratio; break;
+    case Divergence::kSKL: p.generalized_slope = 1.0 - skew; break;
+    case Divergence::kSRKL: p.generalized_slope = -(1.0 - skew); break;
+    default: p.generalized_slope = 0.0; break;
+  }
   return p;
 }
 
@@ -91,6 +102,7 @@ struct LossTerms {
   LossParams term[kMaxLossTerms];
   double weight[kMaxLossTerms];
   bool any_renorm;  // some term renormalises over the K bins (its normalisers are computed once)
+  bool any_sampled;  // some term completes the bins with the sampled token (SPEC 10.2)
 };
 
 // log(exp(x) + exp(y)), exact for -inf arguments, NaN in -> NaN out.
@@ -207,6 +219,20 @@ TD_HD Bin divergence_bin(double la, double lb, const LossParams& p) {
   return {td_nan(), td_nan(), td_nan()};
 }
 
+// A term's bin on its support: the divergence's own bin, and for "generalized" (SPEC 10.3) plus
+// kappa * (b - a), which makes every term a divergence between unnormalised measures (>= 0,
+// 0 only at b = a).
+TD_HD Bin support_bin(double la, double lb, const LossParams& p) {
+  Bin bin = divergence_bin(la, lb, p);
+  if (p.support == Support::kGeneralized && p.generalized_slope != 0.0) {
+    const double kappa = p.generalized_slope, a = std::exp(la), b = std::exp(lb);
+    bin.value += kappa * (b - a);
+    bin.d_logb += kappa * b;
+    bin.d_b += kappa;
+  }
+  return bin;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The row driver. `Lanes` says how the K entries of a row are split among threads and how the
 // threads combine partial results: SerialLanes (one CPU thread owns the row) or a CUDA warp.
@@ -247,6 +273,9 @@ struct RowResult {
   double log_sum;       // LSE = row_max + log_sum
   double dense_coef;    // sum_k g_k + d_b * u (summed over the terms)
   double outside_coef;  // d_b (summed over the terms)
+  double label_coef;    // dL/ds_y of the sampled token (SPEC 10.2; 0 without one): the backward
+                        // takes it through the label's path, grad_rows * label_coef added to
+                        // the label's upstream gradient
 };
 
 TD_HD double to_double(double v) { return v; }
@@ -327,7 +356,7 @@ TD_HD Bin outside_bin(const LossParams& p, const OutsideMass& o, double P) {
   return {0.0, 0.0, 0.0};
 }
 
-// The bins are the K entries as they are (topk, tail): one pass, each bin's gradient its own
+// The bins are the K entries as they are (topk, tail, generalized, sampled): one pass, each bin's gradient its own
 // derivative, plus the outside bin. g gets each gradient times the term's weight w and the loss
 // scale.
 template <class Lanes, class Row>
@@ -338,7 +367,7 @@ TD_HD TermResult own_bins_term(const Lanes& lanes, const Row& row, const LossPar
   for (int64_t k = lanes.first(); k < row.K; k += lanes.stride()) {
     if (!row.valid(k)) continue;
     const double s = row.s(k);
-    const Bin bin = divergence_bin(row.bin_la(row.l(k)), row.bin_lb(s), p);
+    const Bin bin = support_bin(row.bin_la(row.l(k)), row.bin_lb(s), p);
     loss += bin.value;
     if (row.passes(s)) {
       sum_g += bin.d_logb;
@@ -421,6 +450,63 @@ TD_HD TermResult renorm_term(const Lanes& lanes, const Row& row, const LossParam
   return {lanes.sum(loss), -lanes.sum(sum_clamped), 0.0};
 }
 
+// The sampled token of a row as the epilogue receives it (SPEC 10.2). present: the call has a
+// sampled term and the row a label >= 0.
+struct SampledLabel {
+  bool present;
+  int64_t label;
+  double x;          // z_y / T, gathered like the teacher logits
+  double l;          // log p_y, the teacher's log-prob of y
+  bool has_mu;
+  double log_mu;     // log mu_y, the log-prob of y under the distribution it was drawn from
+  bool has_clip;
+  double clip;       // sample_weight_clip c
+  bool drop_nan;     // missing_teacher="drop": a NaN l means the entry is not there
+};
+
+TD_HD SampledLabel no_sampled_label() { return {false, -1, 0.0, 0.0, false, 0.0, false, 0.0, false}; }
+
+// The sampled entry of a row: used when y is in the vocab, not a valid teacher id and not
+// dropped; importance weight w = 1 / mu_y (mu = q, the student's own s_y, by default), with a
+// clip min(1 / mu_y, c / q_y); a constant (no gradient), as is q_y in the clip.
+struct SampledEntry {
+  bool use;
+  double s;  // s_y, unclamped
+  double l;  // log p_y
+  double w;
+};
+
+TD_HD SampledEntry sampled_entry(const SampledLabel& y, bool among_teacher_ids, int64_t vocab_size,
+                                 double row_max, double log_sum) {
+  SampledEntry e{false, 0.0, y.l, 0.0};
+  if (!y.present || y.label >= vocab_size || among_teacher_ids) return e;
+  if (y.drop_nan && y.l != y.l) return e;
+  e.use = true;
+  e.s = (y.x - row_max) - log_sum;
+  double log_w = -(y.has_mu ? y.log_mu : e.s);
+  if (y.has_clip) {
+    const double clipped = std::log(y.clip) - e.s;
+    log_w = clipped < log_w ? clipped : log_w;
+  }
+  e.w = std::exp(log_w);
+  return e;
+}
+
+// support="sampled": the K entries as they are and no outside bin, plus the sampled entry's
+// w * f(p_y, q_y). Its gradient w * d f / d s_y (times the term's weight and the loss scale) is
+// added to *label_coef: it reaches the logits through the label's column, not through g.
+template <class Lanes, class Row>
+TD_HD TermResult sampled_term(const Lanes& lanes, const Row& row, const LossParams& p, double w,
+                              double loss_scale, const SampledEntry& y, double* g,
+                              double* label_coef) {
+  TermResult t = own_bins_term(lanes, row, p, w, loss_scale, Bin{0.0, 0.0, 0.0}, 0.0, g);
+  if (!y.use) return t;
+  const Bin bin = divergence_bin(row.bin_la(y.l), row.bin_lb(y.s), p);
+  t.loss += y.w * bin.value;
+  if (row.passes(y.s)) *label_coef += weighted(w, y.w * bin.d_logb) * loss_scale;
+  return t;
+}
+
 // Computes one row's loss (the weighted sum of the terms), masses and g_k = dL/ds_k (written to
 // g[k], scaled by loss_scale). x: gathered teacher logits z/T (0 where the id is invalid), ids,
 // lp: teacher log-probs. All terms share the statistics, the clamp and the masses; each support
@@ -431,8 +517,9 @@ template <class Lanes, typename acc_t, typename id_t, typename lp_t>
 TD_HD RowResult epilogue_row(const Lanes& lanes, const LossTerms& terms, int64_t K,
                              const RowStats& st, bool counted, int64_t vocab_size,
                              const acc_t* x, const id_t* ids, const lp_t* lp, double* g,
-                             double* scratch = nullptr) {
-  RowResult res{0.0, 0.0, 0.0, std::log(st.rest + st.teach), 0.0, 0.0};
+                             double* scratch = nullptr,
+                             const SampledLabel& label = no_sampled_label()) {
+  RowResult res{0.0, 0.0, 0.0, std::log(st.rest + st.teach), 0.0, 0.0, 0.0};
   for (int64_t k = lanes.first(); k < K; k += lanes.stride()) g[k] = 0.0;
   if (!counted) return res;
   const LossParams& p0 = terms.term[0];
@@ -440,19 +527,25 @@ TD_HD RowResult epilogue_row(const Lanes& lanes, const LossTerms& terms, int64_t
                                           p0.has_clamp, p0.clamp};
   const double loss_scale = p0.loss_scale;
 
-  // Masses and invalid ids.
+  // Masses, invalid ids, and whether the sampled label is a valid teacher id.
   double Q = 0.0, P = 0.0;
-  bool invalid = false;
+  bool invalid = false, label_among = false;
   for (int64_t k = lanes.first(); k < K; k += lanes.stride()) {
     const int64_t id = static_cast<int64_t>(ids[k]);
     if (id < 0) continue;
     if (id >= vocab_size) { invalid = true; continue; }
+    label_among |= id == label.label;
     Q += std::exp(row.s(k));
     P += std::exp(row.l(k));
   }
   Q = lanes.sum(Q);
   P = lanes.sum(P);
   invalid = lanes.any(invalid);
+  // A label >= V (check_inputs=False) is never read: a sampled term makes its row NaN (SPEC 7).
+  invalid |= label.present && label.label >= vocab_size;
+  const SampledEntry sampled =
+      sampled_entry(label, label.present && lanes.any(label_among), vocab_size, st.row_max,
+                    res.log_sum);
   double log_norm_a = 0.0, log_norm_b = 0.0;
   if (terms.any_renorm) renorm_normalisers(lanes, row, Q, P, log_norm_a, log_norm_b);
   const OutsideMass outside = outside_mass(st, vocab_size, res.log_sum);
@@ -461,11 +554,15 @@ TD_HD RowResult epilogue_row(const Lanes& lanes, const LossTerms& terms, int64_t
   for (int i = 0; i < terms.count; ++i) {
     const LossParams& p = terms.term[i];
     const double w = terms.weight[i];
-    const TermResult t =
-        p.support == Support::kRenorm
-            ? renorm_term(lanes, row, p, w, loss_scale, log_norm_a, log_norm_b, g, scratch)
-            : own_bins_term(lanes, row, p, w, loss_scale, outside_bin(p, outside, P),
-                            outside.student_tail, g);
+    TermResult t;
+    if (p.support == Support::kRenorm) {
+      t = renorm_term(lanes, row, p, w, loss_scale, log_norm_a, log_norm_b, g, scratch);
+    } else if (p.support == Support::kSampled) {
+      t = sampled_term(lanes, row, p, w, loss_scale, sampled, g, &res.label_coef);
+    } else {  // topk, tail: with their outside bin; generalized: none (outside_bin gives 0)
+      t = own_bins_term(lanes, row, p, w, loss_scale, outside_bin(p, outside, P),
+                        outside.student_tail, g);
+    }
     loss += weighted(w, t.loss);
     dense += weighted(w, t.dense);
     outside_coef += weighted(w, t.outside);
@@ -476,7 +573,10 @@ TD_HD RowResult epilogue_row(const Lanes& lanes, const LossTerms& terms, int64_t
   res.loss = invalid ? td_nan() : loss * loss_scale;
   // A row whose loss is inf or NaN has no meaningful gradient: all NaN (DECISIONS 15), so the
   // backward cannot hand out a mix of inf, NaN and finite numbers that looks usable.
-  if (!(res.loss - res.loss == 0.0)) res.dense_coef = td_nan();
+  if (!(res.loss - res.loss == 0.0)) {
+    res.dense_coef = td_nan();
+    res.label_coef = 0.0;  // (the NaN row needs nothing more; an inf here would only add noise)
+  }
   res.student_mass = Q;
   res.teacher_mass = P;
   return res;
@@ -500,6 +600,7 @@ TD_HD void write_row_coefs(double* c, const RowResult& r, const RowExtras& e) {
   c[3] = e.entropy;
   c[4] = e.label_factor;
   c[5] = e.entropy_factor;
+  c[6] = r.label_coef;
 }
 
 template <typename acc_t>
