@@ -69,7 +69,8 @@ _RENAMES = (("the logits hold the whole vocab", "weight holds the whole vocab"),
 
 
 def _validate_tensors(hidden, weight, bias, teacher_ids, teacher_logprobs, mask, tp_group,
-                      vocab_start, labels=None) -> Tuple[Tuple[int, ...], int, int, int]:
+                      vocab_start, labels=None, label_teacher_logprobs=None,
+                      label_sample_logprobs=None) -> Tuple[Tuple[int, ...], int, int, int]:
     """(lead_shape, N, V_r, K); errors name hidden / weight / bias / teacher_* / mask."""
     # Jagged input is refused, not supported: the packed values() ARE what the fused head needs
     # ([total, H], no padding, no copy), and its only per-token outputs are small.
@@ -122,7 +123,9 @@ def _validate_tensors(hidden, weight, bias, teacher_ids, teacher_logprobs, mask,
     try:
         shapes = _validate.validate_tensors(proxy, teacher_ids, teacher_logprobs, mask,
                                             tp_group=tp_group, vocab_start=vocab_start,
-                                            labels=labels)
+                                            labels=labels,
+                                            label_teacher_logprobs=label_teacher_logprobs,
+                                            label_sample_logprobs=label_sample_logprobs)
     except (TypeError, ValueError) as e:
         msg = str(e)
         for a, b in _RENAMES:
@@ -187,8 +190,8 @@ class _FusedLinearTopKDistill(torch.autograd.Function):
     recomputing each chunk's logits - only when one of them receives a gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_ids, teacher_logprobs, mask, labels, count,
-                cfg):
+    def forward(ctx, hidden, weight, bias, teacher_ids, teacher_logprobs, mask, labels,
+                label_teacher_logprobs, label_sample_logprobs, count, cfg):
         n, h = hidden.shape
         v_r = weight.shape[0]
         acc = ops.acc_dtype(hidden.dtype)
@@ -246,9 +249,10 @@ class _FusedLinearTopKDistill(torch.autograd.Function):
             lab_c = None if labels is None else labels[s:e]
             mask_c = None if mask is None else mask[s:e]
             row_max, sums, gathered, top_v, top_i = losses._shard_stats(z, ids_c, lab_c, lcfg)
-            l_c, sm_c, tm_c, lab_lp_c, ent_c, row_coefs, grad_logprobs = ops.epilogue(
-                row_max, sums, gathered, ids_c, teacher_logprobs[s:e], mask_c, lcfg.vocab_size,
-                lcfg.terms, lcfg.log_prob_min_clamp, lcfg.loss_scale, lab_c, lcfg.with_entropy)
+            l_c, sm_c, tm_c, lab_lp_c, ent_c, row_coefs, grad_logprobs = losses._epilogue(
+                row_max, sums, gathered, ids_c, teacher_logprobs[s:e], mask_c, lab_c,
+                None if label_teacher_logprobs is None else label_teacher_logprobs[s:e],
+                None if label_sample_logprobs is None else label_sample_logprobs[s:e], lcfg)
             loss_rows[s:e] = l_c
             student_mass[s:e] = sm_c
             teacher_mass[s:e] = tm_c
@@ -266,8 +270,11 @@ class _FusedLinearTopKDistill(torch.autograd.Function):
             if not need_any:
                 continue
             # dL/dlogits of the chunk, written over its logits (they are not needed any more).
+            # The sampled support's entry goes through the label's column (SPEC 10.2).
+            sampled_gy = losses._with_sampled_gradient(None, grad_rows[:rows], row_coefs, lcfg)
             ops.backward_(z, ids_c, row_max, row_coefs, grad_logprobs, grad_rows[:rows],
-                          lcfg.vocab_start, lcfg.inv_temperature)
+                          lcfg.vocab_start, lcfg.inv_temperature,
+                          lab_c if sampled_gy is not None else None, sampled_gy)
             _head_grad_(z, head, dz)
             _accumulate_linear_grads(z, h_c, weight, s, e, grad_hidden, grad_weight,
                                      grad_weight_acc, partial_w, grad_bias_acc)
@@ -318,7 +325,7 @@ class _FusedLinearTopKDistill(torch.autograd.Function):
         if grad_label is not None or grad_entropy is not None:
             _per_row_outputs_backward(ctx.cfg, hidden, weight, bias, teacher_ids, labels, row_max,
                                       row_coefs, grad_label, grad_entropy, out, ctx.backend)
-        return (*out, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None)
 
 
 class _Head(NamedTuple):
@@ -449,6 +456,9 @@ def fused_linear_topk_distill_loss(
     missing_teacher: str = "error",
     logit_scale: float = 1.0,
     final_logit_softcapping: Optional[float] = None,
+    label_teacher_logprobs: Optional[Tensor] = None,
+    label_sample_logprobs: Optional[Tensor] = None,
+    sample_weight_clip: Optional[float] = None,
 ) -> TopKDistillOutput:
     """``topk_distill_loss(hidden @ weight.T + bias, ...)`` without the ``[N, V_r]`` logits.
 
@@ -458,7 +468,8 @@ def fused_linear_topk_distill_loss(
             hidden's dtype. ``bias``: optional ``[V_r]``.
         teacher_ids, teacher_logprobs, mask, loss, support, beta, rkl_ratio, skew, temperature,
         t2_scale, log_prob_min_clamp, tp_group, vocab_start, check_inputs, labels,
-        return_entropy, student_topk, missing_teacher: as in
+        return_entropy, student_topk, missing_teacher, label_teacher_logprobs,
+        label_sample_logprobs, sample_weight_clip: as in
             :func:`topk_distill.topk_distill_loss`. ``label_logprobs`` and ``entropy`` are
             differentiable: their gradients are formed in the backward, by recomputing each
             chunk's logits (one more GEMM per chunk, only when they receive a gradient).
@@ -487,7 +498,8 @@ def fused_linear_topk_distill_loss(
                                       skew=skew, temperature=temperature, t2_scale=t2_scale,
                                       log_prob_min_clamp=log_prob_min_clamp, reduction=reduction,
                                       check_inputs=check_inputs, return_entropy=return_entropy,
-                                      student_topk=student_topk, missing_teacher=missing_teacher)
+                                      student_topk=student_topk, missing_teacher=missing_teacher,
+                                      sample_weight_clip=sample_weight_clip)
     if opts.reduction == "none":
         raise ValueError("reduction='none' is not supported by fused_linear_topk_distill_loss "
                          "(its gradients are formed in the forward from each row's weight in "
@@ -499,7 +511,10 @@ def fused_linear_topk_distill_loss(
     head = _validate_head(logit_scale, final_logit_softcapping)
     lead_shape, n, v_local, k = _validate_tensors(hidden, weight, bias, teacher_ids,
                                                   teacher_logprobs, mask, tp_group, vocab_start,
-                                                  labels)
+                                                  labels, label_teacher_logprobs,
+                                                  label_sample_logprobs)
+    _validate.validate_sampled_inputs(opts.terms, labels, label_teacher_logprobs,
+                                      label_sample_logprobs)
 
     _validate.warn_if_teacher_requires_grad(teacher_logprobs)
     hidden2d = hidden.reshape(n, hidden.shape[-1])
@@ -509,12 +524,13 @@ def fused_linear_topk_distill_loss(
     lp2d = teacher_logprobs.detach().reshape(n, k).contiguous()
     mask1d = None if mask is None else mask.reshape(n).contiguous()
     labels1d = None if labels is None else labels.reshape(n).contiguous()
+    label_lps = losses._label_rows(n, label_teacher_logprobs, label_sample_logprobs)
 
     try:
         group_name, start, vocab_size = parallel.layout_and_checks(
             tp_group, n, k, v_local, vocab_start, ids2d, lp2d, mask1d,
             check_inputs=check_inputs, device=hidden.device, labels=labels1d,
-            missing_teacher=opts.missing_teacher)
+            missing_teacher=opts.missing_teacher, label_logprobs=label_lps)
     except ValueError as e:  # the layout check says "logits"; here the rows are hidden's
         raise ValueError(str(e).replace("logits:", "hidden:")) from None
     ids2d, lp2d, loss_cfg = losses._after_layout(opts, ids2d, lp2d, group_name, start,
@@ -540,8 +556,9 @@ def fused_linear_topk_distill_loss(
     cfg = dict(needs=needs, chunk_size=chunk_size, loss_cfg=loss_cfg, reduction=opts.reduction,
                weight_grad_fp32=weight_grad_fp32, head=head)
     (out, student_mass, teacher_mass, label_lp, entropy, top_ids, top_lp, ov_count,
-     ov_adv) = _FusedLinearTopKDistill.apply(hidden2d, weight, bias, ids2d, lp2d, mask1d,
-                                             labels1d, count, cfg)
+     ov_adv) = _FusedLinearTopKDistill.apply(
+         hidden2d, weight, bias, ids2d, lp2d, mask1d, labels1d,
+         losses._label_teacher_logprobs(opts, label_lps[0]), label_lps[1], count, cfg)
     return losses._output(
         out, lead_shape, student_mass, teacher_mass,
         label_logprobs=label_lp if labels is not None else None,
@@ -564,7 +581,8 @@ class FusedLinearTopKDistillLoss(nn.Module):
                  check_inputs: bool = True, weight_grad_fp32: bool = False,
                  return_entropy: bool = False, student_topk: Optional[int] = None,
                  missing_teacher: str = "error", logit_scale: float = 1.0,
-                 final_logit_softcapping: Optional[float] = None):
+                 final_logit_softcapping: Optional[float] = None,
+                 sample_weight_clip: Optional[float] = None):
         super().__init__()
         self.kwargs = dict(chunk_size=chunk_size, loss=loss, support=support, beta=beta,
                            rkl_ratio=rkl_ratio, skew=skew, temperature=temperature,
@@ -573,14 +591,16 @@ class FusedLinearTopKDistillLoss(nn.Module):
                            check_inputs=check_inputs, weight_grad_fp32=weight_grad_fp32,
                            return_entropy=return_entropy, student_topk=student_topk,
                            missing_teacher=missing_teacher, logit_scale=logit_scale,
-                           final_logit_softcapping=final_logit_softcapping)
+                           final_logit_softcapping=final_logit_softcapping,
+                           sample_weight_clip=sample_weight_clip)
         _validate_head(logit_scale, final_logit_softcapping)
         # Fail at construction, not at the first step.
         _validate.validate_options(loss=loss, support=support, beta=beta, rkl_ratio=rkl_ratio,
                                    skew=skew, temperature=temperature, t2_scale=t2_scale,
                                    log_prob_min_clamp=log_prob_min_clamp, reduction=reduction,
                                    check_inputs=check_inputs, return_entropy=return_entropy,
-                                   student_topk=student_topk, missing_teacher=missing_teacher)
+                                   student_topk=student_topk, missing_teacher=missing_teacher,
+                                   sample_weight_clip=sample_weight_clip)
         if reduction == "none":
             raise ValueError("reduction='none' is not supported by FusedLinearTopKDistillLoss; "
                              "use 'mean' or 'sum'")
@@ -591,10 +611,13 @@ class FusedLinearTopKDistillLoss(nn.Module):
 
     def forward(self, hidden: Tensor, weight: Tensor, teacher_ids: Tensor,
                 teacher_logprobs: Tensor, bias: Optional[Tensor] = None,
-                mask: Optional[Tensor] = None, labels: Optional[Tensor] = None
-                ) -> TopKDistillOutput:
-        return fused_linear_topk_distill_loss(hidden, weight, teacher_ids, teacher_logprobs,
-                                              bias=bias, mask=mask, labels=labels, **self.kwargs)
+                mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                label_teacher_logprobs: Optional[Tensor] = None,
+                label_sample_logprobs: Optional[Tensor] = None) -> TopKDistillOutput:
+        return fused_linear_topk_distill_loss(
+            hidden, weight, teacher_ids, teacher_logprobs, bias=bias, mask=mask, labels=labels,
+            label_teacher_logprobs=label_teacher_logprobs,
+            label_sample_logprobs=label_sample_logprobs, **self.kwargs)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items()

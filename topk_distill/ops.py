@@ -82,7 +82,8 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------
 
 SHARD_SUMS = 5   # sums columns: rest, teach, dup, teacher columns, entropy sum
-ROW_COEFS = 6    # row_coefs columns: log_sum, dense, outside, entropy, label / entropy factors
+ROW_COEFS = 7    # row_coefs columns: log_sum, dense, outside, entropy, label / entropy factors,
+                 # the sampled token's dL/ds_y
 
 
 def _rows(logits):
@@ -105,7 +106,9 @@ def _shard_pass_fake(logits, teacher_ids, labels, vocab_start, inv_temperature, 
 
 def _epilogue_fake(row_max, sums, gathered, teacher_ids, teacher_logprobs, mask, labels,
                    vocab_size, loss, support, weight, beta, rkl_ratio, skew, log_prob_min_clamp,
-                   loss_scale, with_entropy):
+                   loss_scale, with_entropy, label_teacher_logprobs=None,
+                   label_sample_logprobs=None, sample_weight_clip=None,
+                   drop_missing_label=False):
     n = row_max.shape[0]
     return (
         row_max.new_empty((n,)),
@@ -151,15 +154,22 @@ def shard_pass(logits: Tensor, teacher_ids: Tensor, vocab_start: int, inv_temper
 def epilogue(row_max: Tensor, sums: Tensor, gathered: Tensor, teacher_ids: Tensor,
              teacher_logprobs: Tensor, mask: Optional[Tensor], vocab_size: int,
              terms: Sequence, log_prob_min_clamp: Optional[float], loss_scale: float,
-             labels: Optional[Tensor] = None, with_entropy: bool = False):
+             labels: Optional[Tensor] = None, with_entropy: bool = False,
+             label_teacher_logprobs: Optional[Tensor] = None,
+             label_sample_logprobs: Optional[Tensor] = None,
+             sample_weight_clip: Optional[float] = None, drop_missing_label: bool = False):
     """(loss [N], student_mass [N], teacher_mass [N], label_logprobs [N], entropy [N],
-    row_coefs [N, 6] f64, grad_logprobs [N, K] f64). ``terms``: (loss, support, weight, beta,
-    rkl_ratio, skew) per term (``td.Term``s)."""
+    row_coefs [N, 7] f64, grad_logprobs [N, K] f64). ``terms``: (loss, support, weight, beta,
+    rkl_ratio, skew) per term (``td.Term``s). The sampled support's label log-probs (SPEC 10.2)
+    are passed to the kernel as contiguous float64 [N]."""
+    as_f64 = (lambda t: None if t is None  # noqa: E731
+              else t.to(torch.float64).contiguous())
     return _ops(row_max).epilogue(
         row_max, sums, gathered, teacher_ids, teacher_logprobs, mask, labels, vocab_size,
         [t[0] for t in terms], [t[1] for t in terms], [float(t[2]) for t in terms],
         [float(t[3]) for t in terms], [float(t[4]) for t in terms], [float(t[5]) for t in terms],
-        log_prob_min_clamp, loss_scale, with_entropy)
+        log_prob_min_clamp, loss_scale, with_entropy, as_f64(label_teacher_logprobs),
+        as_f64(label_sample_logprobs), sample_weight_clip, drop_missing_label)
 
 
 def backward(logits: Tensor, teacher_ids: Tensor, row_max: Tensor, row_coefs: Tensor,

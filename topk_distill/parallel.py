@@ -247,10 +247,13 @@ def vocab_layout(group_name: str, n: int, k: int, v_local: int, vocab_start: Opt
 def layout_and_checks(tp_group, n: int, k: int, v_local: int, vocab_start: Optional[int],
                       teacher_ids: Tensor, teacher_logprobs: Tensor, mask: Optional[Tensor], *,
                       check_inputs: bool, device=None, labels: Optional[Tensor] = None,
-                      missing_teacher: str = "error") -> Tuple[Optional[str], int, int]:
+                      missing_teacher: str = "error",
+                      label_logprobs: Tuple[Optional[Tensor], Optional[Tensor]] = (None, None)
+                      ) -> Tuple[Optional[str], int, int]:
     """``(group name or None, this rank's vocab_start, global V)`` of a loss call, with its
-    ``check_inputs`` data checks (``[N, K]`` ids / log-probs, ``[N]`` mask and labels; a NaN
-    log-prob is an error only with ``missing_teacher="error"``).
+    ``check_inputs`` data checks (``[N, K]`` ids / log-probs, ``[N]`` mask and labels, and the
+    sampled support's ``label_logprobs`` = (label_teacher_logprobs, label_sample_logprobs) [N];
+    a NaN log-prob is an error only with ``missing_teacher="error"``).
 
     Without a group: V = V_r and the data are checked locally (one host sync). With one: the
     data-check facts ride in the layout all_gather (:func:`resolve_layout`), so a bad entry in any
@@ -262,11 +265,16 @@ def layout_and_checks(tp_group, n: int, k: int, v_local: int, vocab_start: Optio
     if tp_group is None:
         if checked:
             _validate.check_data(teacher_ids, teacher_logprobs, v_local, mask, labels=labels,
-                                 missing_teacher=missing_teacher)
+                                 missing_teacher=missing_teacher,
+                                 label_teacher_logprobs=label_logprobs[0],
+                                 label_sample_logprobs=label_logprobs[1])
         return None, 0, v_local
     group_name = group_name_of(tp_group)
     data = (_validate.data_flags(teacher_ids, teacher_logprobs, mask, labels=labels,
-                                 missing_teacher=missing_teacher) if checked else None)
+                                 missing_teacher=missing_teacher,
+                                 label_teacher_logprobs=label_logprobs[0],
+                                 label_sample_logprobs=label_logprobs[1])
+            if checked else None)
     start, vocab_size = vocab_layout(group_name, n, k, v_local, vocab_start,
                                      check_inputs=check_inputs, device=device, data=data)
     return group_name, start, vocab_size

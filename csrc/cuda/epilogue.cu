@@ -27,10 +27,15 @@ epilogue_cuda(const at::Tensor& row_max, const at::Tensor& sums, const at::Tenso
               const std::vector<std::string>& support, c10::ArrayRef<double> weight,
               c10::ArrayRef<double> beta, c10::ArrayRef<double> rkl_ratio,
               c10::ArrayRef<double> skew, std::optional<double> log_prob_min_clamp,
-              double loss_scale, bool with_entropy) {
+              double loss_scale, bool with_entropy,
+              const std::optional<at::Tensor>& label_teacher_logprobs,
+              const std::optional<at::Tensor>& label_sample_logprobs,
+              std::optional<double> sample_weight_clip, bool drop_missing_label) {
   check_epilogue_args(row_max, sums, gathered, teacher_ids, teacher_logprobs, mask, labels);
   const LossTerms terms = loss_terms_from_args(loss, support, weight, beta, rkl_ratio, skew,
                                                log_prob_min_clamp, loss_scale);
+  check_sampled_args(terms, row_max, labels, label_teacher_logprobs, label_sample_logprobs,
+                     sample_weight_clip);
   const DeviceGuard guard(row_max.device());
   const int64_t N = teacher_ids.size(0), K = teacher_ids.size(1);
   const auto acc_opts = row_max.options();
@@ -70,6 +75,17 @@ epilogue_cuda(const at::Tensor& row_max, const at::Tensor& sums, const at::Tenso
         a.lp = global_in<lp_t>(teacher_logprobs, "teacher_logprobs");
         a.mask = mask_ptr;
         a.labels = labels.has_value() ? global_in<int64_t>(labels64, "labels") : nullptr;
+        a.label_teacher_lp = terms.any_sampled
+                                 ? global_in<double>(*label_teacher_logprobs,
+                                                     "label_teacher_logprobs")
+                                 : nullptr;
+        a.label_sample_lp = terms.any_sampled && label_sample_logprobs.has_value()
+                                ? global_in<double>(*label_sample_logprobs,
+                                                    "label_sample_logprobs")
+                                : nullptr;
+        a.has_clip = sample_weight_clip.has_value();
+        a.clip = sample_weight_clip.value_or(0.0);
+        a.drop_missing_label = drop_missing_label;
         a.loss = global_out<acc_t>(loss_rows, "loss_rows");
         a.student_mass = global_out<float>(student_mass, "student_mass");
         a.teacher_mass = global_out<float>(teacher_mass, "teacher_mass");

@@ -227,7 +227,7 @@ __device__ __forceinline__ scalar_t sparse_value(const RowGrad& r, double x, dou
   return static_cast<scalar_t>(r.s * v);
 }
 
-constexpr int64_t kRowCoefsPerRow = 6;  // (csrc/ops.h kRowCoefs)
+constexpr int64_t kRowCoefsPerRow = 7;  // (csrc/ops.h kRowCoefs)
 constexpr uint32_t kFlagRepeat = 1u, kFlagAnyG = 2u, kFlagLabelHit = 4u;
 
 template <typename scalar_t, typename id_t, bool kEntGrad>

@@ -4,7 +4,7 @@
 // csrc/divergences.h, the same code the CPU kernel runs, here with a warp or a block as Lanes).
 //
 // Memory traffic: O(N * K) - reads the row stats, the gathered logits, ids, teacher log-probs
-// (and the mask, the labels), writes g [N, K] f64 and O(N) results; compute-bound on the fp64
+// (and the mask, the labels, the sampled support's label log-probs), writes g [N, K] f64 and O(N) results; compute-bound on the fp64
 // exp / log of the bins, not on memory.
 //
 // Work split: K <= 256 (the fast path): one warp per row (WarpLanes), 8 rows per 256-thread
@@ -25,7 +25,7 @@ TD_CUDA_NAMESPACE_BEGIN
 constexpr int64_t kWarpPathMaxK = 256;
 constexpr int kEpilogueThreads = 256;
 constexpr int64_t kEpilogueSums = 5;       // (csrc/ops.h kShardSums)
-constexpr int64_t kEpilogueRowCoefs = 6;   // (csrc/ops.h kRowCoefs)
+constexpr int64_t kEpilogueRowCoefs = 7;   // (csrc/ops.h kRowCoefs)
 
 template <typename acc_t, typename id_t, typename lp_t>
 struct EpilogueArgs {
@@ -40,12 +40,19 @@ struct EpilogueArgs {
   gmem_ptr<const lp_t> lp;         // [N, K]
   gmem_ptr<const bool> mask;       // [N] or null
   gmem_ptr<const int64_t> labels;  // [N] or null
+  // support="sampled" (SPEC 10.2; terms.any_sampled): the label's teacher log-prob [N], its
+  // sampling log-prob [N] or null (mu = q), the weight clip, and missing_teacher="drop".
+  gmem_ptr<const double> label_teacher_lp;
+  gmem_ptr<const double> label_sample_lp;
+  bool has_clip;
+  double clip;
+  bool drop_missing_label;
   gmem_ptr<acc_t> loss;            // [N]
   gmem_ptr<float> student_mass;    // [N]
   gmem_ptr<float> teacher_mass;    // [N]
   gmem_ptr<acc_t> label_logprobs;  // [N]
   gmem_ptr<acc_t> entropy;         // [N]
-  gmem_ptr<double> row_coefs;      // [N, 6]
+  gmem_ptr<double> row_coefs;      // [N, 7]
   gmem_ptr<double> g;              // [N, K]
 };
 
@@ -59,11 +66,20 @@ __device__ __forceinline__ void epilogue_one_row(const Lanes& lanes,
                     static_cast<double>(s[3]), static_cast<double>(s[4])};
   const bool counted = a.mask == nullptr || a.mask[n];
   const gmem_ptr<const acc_t> x = a.gathered + n * a.gathered_cols;
+  // The sampled token (row-uniform: every lane builds the same one).
+  SampledLabel sampled = no_sampled_label();
+  if (a.terms.any_sampled && counted && a.labels[n] >= 0) {
+    sampled = {true, a.labels[n], to_double(x[a.K]), a.label_teacher_lp[n],
+               a.label_sample_lp != nullptr,
+               a.label_sample_lp != nullptr ? a.label_sample_lp[n] : 0.0, a.has_clip, a.clip,
+               a.drop_missing_label};
+  }
   // (epilogue_row is shared with the CPU kernel and takes raw pointers: the row's spans are
   // checked whole here, under the emulator; it reads entries [0, K) only)
   const RowResult r = epilogue_row(lanes, a.terms, a.K, st, counted, a.vocab_size,
                                    gmem_span(x, a.K), gmem_span(a.ids + n * a.K, a.K),
-                                   gmem_span(a.lp + n * a.K, a.K), gmem_span(a.g + n * a.K, a.K));
+                                   gmem_span(a.lp + n * a.K, a.K), gmem_span(a.g + n * a.K, a.K),
+                                   nullptr, sampled);
   if (lanes.leader()) {
     const bool has_label = a.labels != nullptr;
     const RowExtras e = row_extras(st, r.log_sum, counted, has_label,
