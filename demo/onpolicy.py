@@ -90,13 +90,14 @@ def make_runs(losses, supports, ks, beta) -> list[OnPolicyRun]:
 def sample_continuations(model: TinyGPT, prompts: torch.Tensor, length: int,
                          gen: torch.Generator) -> torch.Tensor:
     """[B, P] prompts -> [B, length] sequences, each new token drawn from the model's softmax at
-    temperature 1 given everything before it (batched; no KV cache - the model is tiny)."""
-    seq = prompts
-    while seq.shape[1] < length:
-        probs = torch.softmax(model(seq)[:, -1].float(), -1)
-        nxt = torch.multinomial(probs.cpu(), 1, generator=gen).to(seq.device)
-        seq = torch.cat([seq, nxt], 1)
-    return seq
+    temperature 1 given everything before it (batched, with a key/value cache)."""
+    caches = [{} for _ in model.blocks]
+    tokens, step_input = [prompts], prompts
+    for _ in range(length - prompts.shape[1]):
+        probs = torch.softmax(model.next_logits(step_input, caches).float(), -1)
+        step_input = torch.multinomial(probs.cpu(), 1, generator=gen).to(prompts.device)
+        tokens.append(step_input)
+    return torch.cat(tokens, 1)
 
 
 @dataclass
