@@ -30,7 +30,7 @@ import torch
 from ._types import Term
 
 LOSSES = ("fkl", "rkl", "jsd", "fkl+rkl", "tvd", "skl", "srkl")
-SUPPORTS = ("topk", "renorm", "tail")
+SUPPORTS = ("topk", "renorm", "tail", "sampled", "generalized")
 REDUCTIONS = ("mean", "sum", "none")
 MISSING_TEACHER = ("error", "drop", "floor")
 
@@ -81,6 +81,7 @@ class Options(NamedTuple):
     return_entropy: bool = False
     student_topk: Optional[int] = None
     missing_teacher: str = "error"
+    sample_weight_clip: Optional[float] = None
 
 
 class Shapes(NamedTuple):
@@ -202,7 +203,8 @@ def validate_temperature(temperature) -> float:
 def validate_options(*, loss="fkl", support=UNSET, beta=UNSET, rkl_ratio=UNSET, skew=UNSET,
                      temperature=1.0, t2_scale=False, log_prob_min_clamp=None,
                      reduction="mean", inplace_backward=False, check_inputs=True,
-                     return_entropy=False, student_topk=None, missing_teacher="error") -> Options:
+                     return_entropy=False, student_topk=None, missing_teacher="error",
+                     sample_weight_clip=None) -> Options:
     """Check the scalar keywords; return them normalised. Pure Python, no tensors.
 
     ``loss`` is a loss name or a non-empty sequence of :class:`Term` / tuples (SPEC 9.3);
@@ -221,10 +223,32 @@ def validate_options(*, loss="fkl", support=UNSET, beta=UNSET, rkl_ratio=UNSET, 
     if missing_teacher == "floor" and log_prob_min_clamp is None:
         raise ValueError('missing_teacher="floor" puts log_prob_min_clamp in place of a missing '
                          'teacher log-prob, so log_prob_min_clamp must be set; got None')
+    sample_weight_clip = _sample_weight_clip(sample_weight_clip, terms)
     return Options(loss, support, beta, rkl_ratio, skew, temperature,
                    _flag("t2_scale", t2_scale), log_prob_min_clamp, reduction,
                    _flag("inplace_backward", inplace_backward), _flag("check_inputs", check_inputs),
-                   terms, _flag("return_entropy", return_entropy), student_topk, missing_teacher)
+                   terms, _flag("return_entropy", return_entropy), student_topk, missing_teacher,
+                   sample_weight_clip)
+
+
+def has_sampled(terms) -> bool:
+    """Some term of weight != 0 has support="sampled" (SPEC 10.2): labels and
+    label_teacher_logprobs are then required."""
+    return any(t.support == "sampled" and t.weight != 0.0 for t in terms)
+
+
+def _sample_weight_clip(clip, terms):
+    """``sample_weight_clip``: None, or a real number > 0 (inf: no clip), only with a sampled term."""
+    if clip is None:
+        return None
+    clip = _real("sample_weight_clip", clip)
+    if not clip > 0.0:  # also rejects NaN
+        raise ValueError(f"sample_weight_clip must be None or a number > 0 (it bounds the "
+                         f"importance weight by clip / q_y); got {clip!r}")
+    if not any(t.support == "sampled" for t in terms):
+        raise ValueError('sample_weight_clip is only used by support="sampled"; no loss term '
+                         'has that support')
+    return clip
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -241,7 +265,8 @@ def _dtype(name, t, allowed):
 
 
 def validate_tensors(logits, teacher_ids, teacher_logprobs, mask=None, *,
-                     tp_group=None, vocab_start=None, labels=None) -> Shapes:
+                     tp_group=None, vocab_start=None, labels=None,
+                     label_teacher_logprobs=None, label_sample_logprobs=None) -> Shapes:
     """Check shapes, dtypes and devices (metadata only: no host sync)."""
     _tensor("logits", logits)
     _tensor("teacher_ids", teacher_ids)
@@ -275,8 +300,18 @@ def validate_tensors(logits, teacher_ids, teacher_logprobs, mask=None, *,
         if tuple(labels.shape) != lead:
             raise ValueError(f"labels must have the leading shape of logits {list(lead)}; "
                              f"got {list(labels.shape)}")
+    for name, t in (("label_teacher_logprobs", label_teacher_logprobs),
+                    ("label_sample_logprobs", label_sample_logprobs)):
+        if t is not None:
+            _tensor(name, t)
+            _dtype(name, t, FLOAT_DTYPES)
+            if tuple(t.shape) != lead:
+                raise ValueError(f"{name} must have the leading shape of logits {list(lead)} "
+                                 f"(one log-prob per row, for its label); got {list(t.shape)}")
     for name, t in (("teacher_ids", teacher_ids), ("teacher_logprobs", teacher_logprobs),
-                    ("mask", mask), ("labels", labels)):
+                    ("mask", mask), ("labels", labels),
+                    ("label_teacher_logprobs", label_teacher_logprobs),
+                    ("label_sample_logprobs", label_sample_logprobs)):
         if t is not None and t.device != logits.device:
             raise ValueError(f"{name} is on {t.device} but logits is on {logits.device}; "
                              f"all tensors must be on the same device")
@@ -330,6 +365,7 @@ class Args(NamedTuple):
     return_entropy: bool
     student_topk: Optional[int]
     missing_teacher: str
+    sample_weight_clip: Optional[float]
     lead_shape: Tuple[int, ...]
     n_rows: int
     local_vocab: int
@@ -347,7 +383,9 @@ def validate_args(logits, teacher_ids, teacher_logprobs, *, loss="fkl", support=
                   beta=UNSET, rkl_ratio=UNSET, skew=UNSET, temperature=1.0, t2_scale=False,
                   log_prob_min_clamp=None, mask=None, reduction="mean", tp_group=None,
                   vocab_start=None, inplace_backward=False, check_inputs=True, labels=None,
-                  return_entropy=False, student_topk=None, missing_teacher="error") -> Args:
+                  return_entropy=False, student_topk=None, missing_teacher="error",
+                  label_teacher_logprobs=None, label_sample_logprobs=None,
+                  sample_weight_clip=None) -> Args:
     """All host-side checks of a ``topk_distill_loss`` call (no host sync, no collective).
     ``student_topk <= V`` needs the full vocab size: :func:`check_k_fits` once it is known."""
     opts = validate_options(loss=loss, support=support, beta=beta, rkl_ratio=rkl_ratio, skew=skew,
@@ -355,21 +393,47 @@ def validate_args(logits, teacher_ids, teacher_logprobs, *, loss="fkl", support=
                             log_prob_min_clamp=log_prob_min_clamp, reduction=reduction,
                             inplace_backward=inplace_backward, check_inputs=check_inputs,
                             return_entropy=return_entropy, student_topk=student_topk,
-                            missing_teacher=missing_teacher)
+                            missing_teacher=missing_teacher,
+                            sample_weight_clip=sample_weight_clip)
     shapes = validate_tensors(logits, teacher_ids, teacher_logprobs, mask,
-                              tp_group=tp_group, vocab_start=vocab_start, labels=labels)
+                              tp_group=tp_group, vocab_start=vocab_start, labels=labels,
+                              label_teacher_logprobs=label_teacher_logprobs,
+                              label_sample_logprobs=label_sample_logprobs)
+    validate_sampled_inputs(opts.terms, labels, label_teacher_logprobs, label_sample_logprobs)
     return Args(*opts, *shapes)
+
+
+def validate_sampled_inputs(terms, labels, label_teacher_logprobs, label_sample_logprobs):
+    """SPEC 10.2: a sampled term (of nonzero weight) needs ``labels`` and
+    ``label_teacher_logprobs``; the two label log-prob tensors are an error when no term has
+    support="sampled" (they would be silently ignored; a term of weight 0 still allows them)."""
+    if has_sampled(terms):
+        for name, t in (("labels", labels), ("label_teacher_logprobs", label_teacher_logprobs)):
+            if t is None:
+                raise ValueError(f'support="sampled" needs {name} (the sampled token y of each '
+                                 f'row and the teacher\'s log-prob of it, log p_y); got None')
+    if any(t.support == "sampled" for t in terms):
+        return
+    for name, t in (("label_teacher_logprobs", label_teacher_logprobs),
+                    ("label_sample_logprobs", label_sample_logprobs)):
+        if t is not None:
+            raise ValueError(f'{name} is only used by support="sampled"; no loss term has '
+                             f'that support')
 
 
 # ----------------------------------------------------------------------------- data
 
 def data_flags(teacher_ids, teacher_logprobs, mask=None, *, labels=None,
-               missing_teacher="error"):
+               missing_teacher="error", label_teacher_logprobs=None,
+               label_sample_logprobs=None):
     """The ``check_inputs`` data facts as a device tensor, no host sync: ``[largest id that
-    counts (-1 if none), any NaN log-prob (only with missing_teacher="error"), any log-prob > 0,
-    largest label that counts (-1 if none or no labels)]`` (4 int64). Padding entries (id < 0),
+    counts (-1 if none), NaN log-prob bits, log-prob > 0 bits, largest label that counts (-1 if
+    none or no labels)]`` (4 int64). The bits say which tensor has the bad entry: 1
+    ``teacher_logprobs``, 2 ``label_teacher_logprobs``, 4 ``label_sample_logprobs`` (a NaN
+    teacher log-prob only counts with missing_teacher="error"). Padding entries (id < 0),
     ignored labels (< 0) and masked rows are ignored everywhere else, so their contents may be
-    anything. ``labels`` has the shape of ``mask`` (the rows)."""
+    anything; so are the label log-probs of a label that is a valid teacher id (never read,
+    SPEC 10.2). ``labels`` has the shape of ``mask`` (the rows)."""
     counted = teacher_ids >= 0
     if mask is not None:
         counted = counted & mask.unsqueeze(-1)
@@ -377,9 +441,30 @@ def data_flags(teacher_ids, teacher_logprobs, mask=None, *, labels=None,
     nan_lp = (counted & torch.isnan(lp)).any().long()
     if missing_teacher != "error":  # NaN marks an entry the teacher did not score (SPEC 9.5)
         nan_lp = torch.zeros_like(nan_lp)
-    return torch.stack([_largest(teacher_ids, counted), nan_lp,
-                        (counted & (lp > 0)).any().long(),
+    pos_lp = (counted & (lp > 0)).any().long()
+    if label_teacher_logprobs is not None or label_sample_logprobs is not None:
+        read = sampled_label_read(teacher_ids, teacher_logprobs, labels, mask, missing_teacher)
+        for bit, t, nan_counts in ((2, label_teacher_logprobs, missing_teacher == "error"),
+                                   (4, label_sample_logprobs, True)):
+            if t is None:
+                continue
+            if nan_counts:
+                nan_lp = nan_lp + bit * (read & torch.isnan(t)).any().long()
+            pos_lp = pos_lp + bit * (read & (t > 0)).any().long()
+    return torch.stack([_largest(teacher_ids, counted), nan_lp, pos_lp,
                         _largest_label(labels, mask, teacher_ids.device)])
+
+
+def sampled_label_read(teacher_ids, teacher_logprobs, labels, mask=None,
+                       missing_teacher="error"):
+    """[...] bool, the rows whose ``label_teacher_logprobs`` / ``label_sample_logprobs`` a sampled
+    term reads (SPEC 10.2): counted, label >= 0 and not among the row's valid teacher ids."""
+    valid = teacher_ids >= 0
+    if missing_teacher == "drop":  # a dropped entry is padding: the label is not its id
+        valid = valid & ~torch.isnan(teacher_logprobs)
+    among = ((teacher_ids == labels.unsqueeze(-1)) & valid).any(-1)
+    read = (labels >= 0) & ~among
+    return read if mask is None else read & mask
 
 
 def _largest(values, counted):
@@ -406,17 +491,22 @@ def raise_data_errors(largest_id, nan_lp, pos_lp, vocab_size, where="",
     if largest_label >= vocab_size:
         raise ValueError(f"labels has a label >= the vocab size V={vocab_size}{where} "
                          f"(labels must be in [0, V), negative = ignored)")
-    if nan_lp:
-        raise ValueError(f"teacher_logprobs has a NaN entry{where} (log-probs must be <= 0; "
-                         f"-inf allowed). If NaN marks an entry the teacher did not score, pass "
-                         f'missing_teacher="drop" or missing_teacher="floor" (SPEC 9.5)')
-    if pos_lp:
-        raise ValueError(f"teacher_logprobs has an entry > 0{where} (log-probs must be <= 0; "
-                         f"-inf allowed)")
+    for bit, name in ((1, "teacher_logprobs"), (2, "label_teacher_logprobs"),
+                      (4, "label_sample_logprobs")):
+        if nan_lp & bit:
+            hint = ("" if bit == 4 else
+                    ". If NaN marks an entry the teacher did not score, pass "
+                    'missing_teacher="drop" or missing_teacher="floor" (SPEC 9.5)')
+            raise ValueError(f"{name} has a NaN entry{where} (log-probs must be <= 0; "
+                             f"-inf allowed){hint}")
+        if pos_lp & bit:
+            raise ValueError(f"{name} has an entry > 0{where} (log-probs must be <= 0; "
+                             f"-inf allowed)")
 
 
 def check_data(teacher_ids, teacher_logprobs, vocab_size, mask=None, *, labels=None,
-               missing_teacher="error") -> None:
+               missing_teacher="error", label_teacher_logprobs=None,
+               label_sample_logprobs=None) -> None:
     """``check_inputs=True`` data checks, with exactly one host sync.
 
     Only entries that count are checked: padding entries (id < 0), ignored labels (< 0) and
@@ -430,6 +520,7 @@ def check_data(teacher_ids, teacher_logprobs, vocab_size, mask=None, *, labels=N
     whose copy of the teacher tensors is bad.
     """
     largest_id, nan_lp, pos_lp, largest_label = data_flags(
-        teacher_ids, teacher_logprobs, mask, labels=labels,
-        missing_teacher=missing_teacher).tolist()
+        teacher_ids, teacher_logprobs, mask, labels=labels, missing_teacher=missing_teacher,
+        label_teacher_logprobs=label_teacher_logprobs,
+        label_sample_logprobs=label_sample_logprobs).tolist()
     raise_data_errors(largest_id, nan_lp, pos_lp, vocab_size, largest_label=largest_label)

@@ -16,6 +16,7 @@ Conventions that keep values AND autograd gradients free of spurious NaN:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -99,6 +100,20 @@ def _bin_terms(a, la, b, lb, opts) -> torch.Tensor:
     raise AssertionError(loss)
 
 
+def _generalized_slope(opts) -> float:
+    """support="generalized" (SPEC 10.3): each bin's term is the plain one plus kappa * (b - a),
+    which makes it a divergence between unnormalised measures (>= 0, 0 only at b = a):
+    fkl ``- a + b``, rkl ``- b + a``, skl ``- a + m = (1-skew)(b - a)``, srkl ``- b + m' =
+    (1-skew)(a - b)``, fkl+rkl the mix; JSD and TVD need nothing. Returns kappa."""
+    loss = opts.loss
+    if loss == "jsd":
+        return {0.0: 1.0, 1.0: -1.0}.get(opts.beta, 0.0)  # beta = 0 / 1: the fkl / rkl rows
+    if loss == "fkl+rkl":
+        return 1.0 - 2.0 * opts.rkl_ratio
+    return {"fkl": 1.0, "rkl": -1.0, "tvd": 0.0,
+            "skl": 1.0 - opts.skew, "srkl": -(1.0 - opts.skew)}[loss]
+
+
 def _topk_outside_term(u: torch.Tensor, opts) -> torch.Tensor:
     """support="topk": the student's mass outside the top-k, u = 1 - Q (unclamped, not floored,
     DECISIONS 4; exactly 0 in a row whose ids cover the vocab, DECISIONS 20), against a teacher
@@ -114,10 +129,57 @@ def _topk_outside_term(u: torch.Tensor, opts) -> torch.Tensor:
     return zero
 
 
+class SampledEntry(NamedTuple):
+    """The sampled token of each row (SPEC 10.2), [N] each: ``s`` its student log-prob s_y
+    (differentiable), ``l`` the teacher's log p_y, ``weight`` the importance weight w (a
+    constant), ``use`` whether the entry adds to the loss (counted, 0 <= y < V, not a valid
+    teacher id, not dropped as missing)."""
+
+    s: torch.Tensor
+    l: torch.Tensor
+    weight: torch.Tensor
+    use: torch.Tensor
+
+
+def _sampled_entry(logq, y, ids, valid, counted, l_y, log_mu, clip, missing_teacher):
+    """:class:`SampledEntry` from the full-vocab student log-probs ``logq`` [N, V], labels ``y``,
+    the label's teacher log-prob ``l_y`` and sampling log-prob ``log_mu`` (None: the student's own
+    s_y, detached). w = 1 / mu_y, with a clip c: min(1 / mu_y, c / q_y), q_y unclamped."""
+    vocab = logq.shape[-1]
+    in_vocab = (y >= 0) & (y < vocab) & counted
+    use = in_vocab & ~((ids == y.unsqueeze(-1)) & valid).any(-1)
+    s_y = logq.gather(-1, torch.where(in_vocab, y, 0).unsqueeze(-1)).squeeze(-1)
+    if missing_teacher != "error":  # SPEC 9.5 for the label's teacher log-prob
+        missing = use & torch.isnan(l_y)
+        l_y = torch.where(missing, _NEG_INF, l_y)
+        if missing_teacher == "drop":
+            use = use & ~missing
+    with torch.no_grad():
+        log_w = -(s_y if log_mu is None else log_mu)
+        if clip is not None:  # min(1/mu, c/q): the ratio q/mu is bounded by c
+            log_w = torch.minimum(log_w, math.log(clip) - s_y)
+        weight = torch.where(use, torch.exp(log_w), 0.0)
+    return SampledEntry(s_y, l_y, weight, use)
+
+
+def _sampled_rows(sampled: SampledEntry, term: Term, clamp: float | None) -> torch.Tensor:
+    """w * f(p_y, q_y) per row (0 where the entry is not used), with the clamp of the bins."""
+    la, lb = sampled.l, sampled.s
+    if clamp is not None:
+        la, lb = _clamp_min(la, clamp), _clamp_min(lb, clamp)
+    # An unused entry is a zero-probability bin on both sides: 0, with a zero gradient.
+    la = torch.where(sampled.use, la, _NEG_INF).unsqueeze(-1)
+    lb = torch.where(sampled.use, lb, _NEG_INF).unsqueeze(-1)
+    f = _bin_terms(torch.exp(la), la, torch.exp(lb), lb, term).squeeze(-1)
+    return torch.where(sampled.use, sampled.weight * f, 0.0)
+
+
 def _term_rows(s: torch.Tensor, l: torch.Tensor, valid: torch.Tensor,
                log_q_tail: torch.Tensor | None, term: Term, clamp: float | None,
-               covered: torch.Tensor | None) -> torch.Tensor:
-    """One term's per-row divergence (SPEC 3 with DECISIONS 1-8, 20); see :func:`per_row_loss`."""
+               covered: torch.Tensor | None, sampled: SampledEntry | None = None
+               ) -> torch.Tensor:
+    """One term's per-row divergence (SPEC 3 with DECISIONS 1-8, 20; SPEC 10.2 / 10.3 for the
+    sampled and generalized supports); see :func:`per_row_loss`."""
     # Masses, unclamped (SPEC 3): Q = sum q_k, P = sum p_k over valid entries.
     Q = torch.where(valid, torch.exp(torch.where(valid, s, _NEG_INF)), 0.0).sum(-1)
     P = torch.where(valid, torch.exp(torch.where(valid, l, _NEG_INF)), 0.0).sum(-1)
@@ -147,7 +209,12 @@ def _term_rows(s: torch.Tensor, l: torch.Tensor, valid: torch.Tensor,
         a = torch.cat([a, p_tail.unsqueeze(-1)], -1)
         b = torch.cat([b, torch.exp(log_q_tail).unsqueeze(-1)], -1)
 
-    rows = _bin_terms(a, la, b, lb, term).sum(-1)
+    bins = _bin_terms(a, la, b, lb, term)
+    if term.support == "generalized":  # SPEC 10.3: unnormalised measures, no outside term
+        kappa = _generalized_slope(term)
+        if kappa != 0.0:
+            bins = bins + kappa * (b - a)  # padding: a = b = 0
+    rows = bins.sum(-1)
     if term.support == "topk":
         u = 1.0 - Q
         if covered is not None:  # nothing outside the ids: u is exactly 0 (DECISIONS 20)
@@ -155,6 +222,8 @@ def _term_rows(s: torch.Tensor, l: torch.Tensor, valid: torch.Tensor,
         rows = rows + _topk_outside_term(u, term)
     else:  # DECISIONS 7: no valid entry -> exactly 0 (the tail bins, both 1, could round to 1e-16)
         rows = torch.where(valid.any(-1), rows, 0.0)
+    if term.support == "sampled":  # SPEC 10.2: the rest of the vocab by one weighted sample
+        rows = rows + _sampled_rows(sampled, term, clamp)
     return torch.where(undefined, float("nan"), rows)
 
 
@@ -167,14 +236,16 @@ def _terms_of(opts: Options):
 
 def per_row_loss(s: torch.Tensor, teacher_logprobs: torch.Tensor, valid: torch.Tensor,
                  log_q_tail: torch.Tensor | None, opts: Options,
-                 covered: torch.Tensor | None = None) -> torch.Tensor:
+                 covered: torch.Tensor | None = None,
+                 sampled: SampledEntry | None = None) -> torch.Tensor:
     """Per-row loss from the student log-probs of the teacher tokens (the SPEC's s_k).
 
     s, teacher_logprobs: [N, K] in the compute dtype; valid: [N, K] bool (entries that count;
     ``s`` and the log-probs are ignored elsewhere). log_q_tail: [N], log(1 - Q), needed when a
     term has support="tail" (taken as an input so that it can be computed without cancellation
     from the full softmax). covered: [N] bool or None, rows whose distinct valid ids are the whole
-    vocab (DECISIONS 20). No temperature / t2 / mask / reduction here.
+    vocab (DECISIONS 20). sampled: the rows' sampled tokens, needed when a term has
+    support="sampled" (:func:`_sampled_entry`). No temperature / t2 / mask / reduction here.
 
     The loss is ``sum_i weight_i * L_i`` over ``opts.terms`` (SPEC 9.3), all from the same s, l,
     clamp and masks. A term of weight 0 is skipped, never computed (an infinite term times 0
@@ -186,7 +257,7 @@ def per_row_loss(s: torch.Tensor, teacher_logprobs: torch.Tensor, valid: torch.T
         if term.weight == 0.0:
             continue
         r = _term_rows(s, teacher_logprobs, valid, log_q_tail, term, opts.log_prob_min_clamp,
-                       covered)
+                       covered, sampled)
         if term.weight != 1.0:
             r = term.weight * r
         rows = r if rows is None else rows + r
@@ -348,8 +419,9 @@ def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", supp
                       beta=UNSET, rkl_ratio=UNSET, skew=UNSET, temperature=1.0, t2_scale=False,
                       log_prob_min_clamp=None, mask=None, reduction="mean", tp_group=None,
                       vocab_start=None, inplace_backward=False, check_inputs=True, labels=None,
-                      return_entropy=False, student_topk=None, missing_teacher="error"
-                      ) -> TopKDistillOutput:
+                      return_entropy=False, student_topk=None, missing_teacher="error",
+                      label_teacher_logprobs=None, label_sample_logprobs=None,
+                      sample_weight_clip=None) -> TopKDistillOutput:
     """Top-k distillation loss, pure PyTorch (SPEC.md sections 8 and 9; the oracle).
 
     Computes in float64 for float64 logits, else float32. Returns a TopKDistillOutput: the loss
@@ -370,6 +442,9 @@ def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", supp
         and ``overlap_count`` (int64) / ``overlap_token_advantage`` (fp32), no gradient;
       * ``missing_teacher``: a NaN teacher log-prob is an error, or its entry is dropped (padding)
         or floored (``log_prob_min_clamp`` in the bins, out of ``teacher_mass``).
+    SPEC 10.2, ``support="sampled"``: ``labels`` (y), ``label_teacher_logprobs`` (log p_y),
+    optional ``label_sample_logprobs`` (log mu_y; default the student's own s_y, detached) and
+    ``sample_weight_clip`` (w = min(1/mu_y, c/q_y)). SPEC 10.3, ``support="generalized"``.
     """
     # SPEC 9.1, jagged nested tensors: this function on the packed values, per-token outputs
     # repacked (topk_distill/_layout.py). MUST stay the first statement: locals() is then exactly
@@ -382,7 +457,8 @@ def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", supp
         log_prob_min_clamp=log_prob_min_clamp, mask=mask, reduction=reduction, tp_group=tp_group,
         vocab_start=vocab_start, inplace_backward=inplace_backward, check_inputs=check_inputs,
         labels=labels, return_entropy=return_entropy, student_topk=student_topk,
-        missing_teacher=missing_teacher)
+        missing_teacher=missing_teacher, label_teacher_logprobs=label_teacher_logprobs,
+        label_sample_logprobs=label_sample_logprobs, sample_weight_clip=sample_weight_clip)
     opts, n, k, lead = args.options, args.n_rows, args.k, args.lead_shape
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
 
@@ -391,18 +467,25 @@ def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", supp
     l = teacher_logprobs.reshape(n, k).detach()  # teacher inputs are constants
     mask_rows = None if mask is None else mask.reshape(n)
     y = None if labels is None else labels.reshape(n).long()
+    # The label's teacher / sampling log-probs (SPEC 10.2): constants, like the teacher's.
+    l_y = (None if label_teacher_logprobs is None
+           else label_teacher_logprobs.reshape(n).detach().to(dtype))
+    log_mu = (None if label_sample_logprobs is None
+              else label_sample_logprobs.reshape(n).detach().to(dtype))
+    label_data = dict(label_teacher_logprobs=l_y, label_sample_logprobs=log_mu)
     if tp_group is not None:
         tp_group = _process_group(tp_group)
         # Always gathered (the oracle makes no shortcut): (N, K, V_r, start) and, with
         # check_inputs, the data-check facts, so that every rank raises alike.
-        data = (data_flags(ids, l, mask_rows, labels=y, missing_teacher=opts.missing_teacher)
+        data = (data_flags(ids, l, mask_rows, labels=y, missing_teacher=opts.missing_teacher,
+                           **label_data)
                 if opts.check_inputs else None)
         layout = resolve_layout(tp_group, n, k, args.local_vocab, vocab_start, check_inputs=True,
                                 device=logits.device, data=data)
         z = _GatherVocabShards.apply(z, layout, tp_group)
     elif opts.check_inputs:
         check_data(ids, l, args.local_vocab, mask_rows, labels=y,
-                   missing_teacher=opts.missing_teacher)
+                   missing_teacher=opts.missing_teacher, **label_data)
     vocab = z.shape[-1]
     if opts.student_topk is not None:
         check_k_fits("student_topk", opts.student_topk, vocab)
@@ -433,7 +516,13 @@ def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", supp
     log_q_tail = (_log_student_tail(logq, ids, valid, s, covered)
                   if any(t.support == "tail" for t in terms) else None)
 
-    rows = per_row_loss(s, l, valid, log_q_tail, opts, covered)
+    sampled = None
+    if any(t.support == "sampled" for t in terms):
+        sampled = _sampled_entry(logq, y, ids, valid, counted, l_y, log_mu,
+                                 opts.sample_weight_clip, opts.missing_teacher)
+        # A label >= V (check_inputs=False) is never read: the row is NaN (SPEC 7).
+        bad_row = bad_row | (y >= vocab)
+    rows = per_row_loss(s, l, valid, log_q_tail, opts, covered, sampled)
     if opts.t2_scale:
         rows = rows * opts.temperature ** 2
     rows = torch.where(counted, rows, 0.0)  # masked rows: loss 0, gradient 0 (DECISIONS 10)
