@@ -124,8 +124,9 @@ def teacher_scores(teacher: TinyGPT, seq: torch.Tensor, k_max: int) -> Scored:
 
 def full_vocab_divergence(logits: torch.Tensor, teacher_lp: torch.Tensor, loss: str,
                           beta: float) -> torch.Tensor:
-    """Per row, over the whole vocabulary from the teacher's exact distribution (SPEC 10.2's D)."""
-    s = torch.log_softmax(logits.float(), -1)
+    """Per row, over the whole vocabulary from the teacher's exact distribution (SPEC 10.2's D);
+    fp32, or fp64 for fp64 logits."""
+    s = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), -1)
     if loss == "fkl" or (loss == "jsd" and beta == 0.0):
         return (teacher_lp.exp() * (teacher_lp - s)).sum(-1)
     if loss == "rkl" or (loss == "jsd" and beta == 1.0):
@@ -139,19 +140,21 @@ def full_vocab_divergence(logits: torch.Tensor, teacher_lp: torch.Tensor, loss: 
 
 def estimator_loss(loss_fn, run: OnPolicyRun, logits: torch.Tensor, sc: Scored,
                    labels: torch.Tensor, mask: torch.Tensor,
-                   sampled_lp: torch.Tensor | None = None) -> torch.Tensor:
-    """The mean over the generated positions (``mask``) of ``run``'s per-position loss.
-    ``labels`` [B, S-1] are the sampled tokens; ``sampled_lp`` their teacher log-probs
-    (default: ``sc.sampled_lp``, the ones the server returned for the actual sequence)."""
+                   sampled_lp: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """The mean over the generated positions (``mask``) of ``run``'s per-position loss
+    (``reduction="none"``: the per-position losses, 0 outside ``mask``). ``labels`` [B, S-1] are
+    the sampled tokens; ``sampled_lp`` their teacher log-probs (default: ``sc.sampled_lp``, the
+    ones the server returned for the actual sequence)."""
     if run.support == "full":
-        rows = full_vocab_divergence(logits, sc.full_lp, run.loss, run.beta)
-        return (rows * mask).sum() / mask.sum().clamp_min(1)
+        rows = full_vocab_divergence(logits, sc.full_lp, run.loss, run.beta) * mask
+        return rows if reduction == "none" else rows.sum() / mask.sum().clamp_min(1)
     extra = {}
     if run.support == "sampled":
         extra = dict(labels=labels, label_teacher_logprobs=sc.sampled_lp if sampled_lp is None
                      else sampled_lp)
     return loss_fn(logits, sc.ids[..., :run.k], sc.logprobs[..., :run.k], loss=run.loss,
-                   support=run.support, beta=run.beta, mask=mask, **extra).loss
+                   support=run.support, beta=run.beta, mask=mask, reduction=reduction,
+                   **extra).loss
 
 
 # ----------------------------------------------------------------------------- warm start
