@@ -51,7 +51,7 @@ class OnPolicySizes:
     draws: int            # redraws of the sampled token per position, gradient study
 
 
-ONPOLICY_FULL = OnPolicySizes(prompt_len=16, warm_steps=300, steps=60, batch=16, lr=1e-3,
+ONPOLICY_FULL = OnPolicySizes(prompt_len=16, warm_steps=300, steps=50, batch=16, lr=1e-3,
                               eval_every=20, eval_prompts=32, grad_batch=16, draws=32)
 ONPOLICY_TINY = OnPolicySizes(prompt_len=8, warm_steps=60, steps=12, batch=8, lr=1e-3,
                               eval_every=6, eval_prompts=8, grad_batch=4, draws=8)
