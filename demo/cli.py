@@ -358,6 +358,7 @@ def run_onpolicy_cli(args) -> int:
                     runs=[dataclasses.asdict(r) for r in args.runs], commit=_commit(),
                     machine=_machine(), student_steps=args.onpolicy_sizes.steps)
     timing["total_s"] = time.time() - t_start
+    timing["cpu_s"] = time.process_time()   # on a shared machine, wall time says little
     result = {"settings": settings, "timing": timing, "onpolicy": op}
     paths = write_onpolicy_results(args.out, result)
     log("")

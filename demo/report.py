@@ -147,7 +147,8 @@ def write_onpolicy_results(out: str, result: dict) -> dict:
           "",
           f"Command: `{s['command']}`  ",
           f"Commit: `{s.get('commit', '?')}`; machine: {s.get('machine', '?')}; torch "
-          f"{s['torch']}, {s['threads']} thread(s); total wall time {result['timing']['total_s']:.0f}s.",
+          f"{s['torch']}, {s['threads']} thread(s); total wall time {result['timing']['total_s']:.0f}s"
+          + (f", CPU time {result['timing']['cpu_s']:.0f}s." if "cpu_s" in result["timing"] else "."),
           "",
           f"Student: {s['student']}, warm-started with {o['warm']['steps']} cross-entropy steps on "
           f"the held-in text, then {z['steps']} on-policy steps of {z['batch']} sequences: a "
