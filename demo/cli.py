@@ -63,8 +63,16 @@ def parse_args(argv):
                    help="topk_distill.topk_distill_loss (kernels, default) or "
                         "topk_distill.reference.topk_distill_loss (pure PyTorch)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--on-policy", action="store_true", help="on-policy distillation: the student "
+                   "samples, the teacher scores its samples (top-K + the sampled token), the student "
+                   "trains; compares topk, tail, sampled and the full-vocabulary reference at "
+                   "several K (docs/ESTIMATORS.md)")
+    p.add_argument("--ks", default="1,4,32", help="with --on-policy: the teacher top-K values "
+                   "(comma list, default 1,4,32)")
     p.add_argument("--tp-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.on_policy:
+        return _parse_onpolicy(p, args)
     if args.support and not args.loss:
         args.loss = "fkl"
     if args.loss:
@@ -104,6 +112,41 @@ def parse_args(argv):
     if args.threads is None:
         args.threads = default_threads()
     elif args.threads < 1:
+        p.error("--threads must be >= 1")
+    return args
+
+
+def _parse_onpolicy(p, args):
+    from .onpolicy import KS, LOSSES as OP_LOSSES, ONPOLICY_FULL, ONPOLICY_TINY, SUPPORTS as OP_SUPPORTS
+    from .onpolicy import make_runs
+
+    losses = (args.loss or ",".join(OP_LOSSES)).split(",")
+    supports = (args.support or ",".join(OP_SUPPORTS)).split(",")
+    for names, allowed, what in ((losses, OP_LOSSES, "--loss"), (supports, OP_SUPPORTS, "--support")):
+        bad = [x for x in names if x not in allowed]
+        if bad:
+            p.error(f"{what}: unknown {bad} with --on-policy; expected {', '.join(allowed)}")
+    try:
+        ks = [int(k) for k in args.ks.split(",")]
+    except ValueError:
+        p.error(f"--ks must be a comma list of integers, not {args.ks!r}")
+    args.sizes = TINY if args.tiny else FULL
+    if args.teacher_steps is not None:
+        args.sizes = dataclasses.replace(args.sizes, teacher_steps=args.teacher_steps)
+    if any(k < 1 or k > args.sizes.vocab_size for k in ks):
+        p.error(f"--ks: every K must be in [1, {args.sizes.vocab_size}]")
+    args.onpolicy_sizes = ONPOLICY_TINY if args.tiny else ONPOLICY_FULL
+    if args.steps is not None:
+        if args.steps < 1:
+            p.error("--steps must be >= 1")
+        args.onpolicy_sizes = dataclasses.replace(args.onpolicy_sizes, steps=args.steps)
+    if args.tp != 1:
+        p.error("--on-policy runs with --tp 1 only")
+    if args.device != "cpu":
+        p.error("--on-policy runs on --device cpu only")
+    args.runs = make_runs(losses, supports, ks, args.beta)
+    args.threads = default_threads() if args.threads is None else args.threads
+    if args.threads < 1:
         p.error("--threads must be >= 1")
     return args
 
@@ -262,6 +305,69 @@ def run_single(args) -> int:
     return 0
 
 
+def _commit() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
+                              capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               text=True, capture_output=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + (" (with uncommitted changes)" if dirty else "")
+
+
+def _machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    return f"{os.cpu_count()} x {model}"
+
+
+def run_onpolicy_cli(args) -> int:
+    """``--on-policy``: data and teacher (cached, shared with the off-policy demo), then
+    demo.onpolicy's warm start, gradient study and runs; writes OUT/onpolicy.{md,json,png}."""
+    from .onpolicy import run_onpolicy
+    from .report import onpolicy_table, write_onpolicy_results
+
+    t_start = time.time()
+    device = torch.device(args.device)
+    cache = os.path.join(args.out, "cache")
+    os.makedirs(cache, exist_ok=True)
+    timing = {}
+    t = time.time()
+    data = prepare_data(args.sizes, cache, log=log)
+    timing["data_s"] = time.time() - t
+    t = time.time()
+    teacher, tmeta = get_teacher(args.sizes, data, args.seed, device, cache,
+                                 progress=not args.no_progress, log=log)
+    timing["teacher_s"] = time.time() - t
+    ev = make_evalset(teacher, windows(data.heldout, args.sizes.context + 1,
+                                       args.sizes.eval_windows), 1, device)
+    loss_fn = load_loss_fn(args.impl)
+    t = time.time()
+    op = run_onpolicy(args.runs, args.sizes, args.onpolicy_sizes, data, teacher, ev, loss_fn,
+                      args.seed, device, cache, progress=not args.no_progress, log=log)
+    timing["onpolicy_s"] = time.time() - t
+    settings = _settings(args, data, tmeta, ev)
+    settings.update(k=None, ks=sorted({r.k for r in args.runs if r.k is not None}),
+                    runs=[dataclasses.asdict(r) for r in args.runs], commit=_commit(),
+                    machine=_machine(), student_steps=args.onpolicy_sizes.steps)
+    timing["total_s"] = time.time() - t_start
+    timing["cpu_s"] = time.process_time()   # on a shared machine, wall time says little
+    result = {"settings": settings, "timing": timing, "onpolicy": op}
+    paths = write_onpolicy_results(args.out, result)
+    log("")
+    log(onpolicy_table(op["baselines"] + op["rows"], markdown=False))
+    log("")
+    log(f"wrote {paths['md']}, {paths['json']}, {paths['png']}  (total {timing['total_s']:.0f}s)")
+    return 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -370,6 +476,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.tp_worker:
         return run_tp_worker(args)
+    if args.on_policy:
+        return run_onpolicy_cli(args)
     if args.tp > 1:
         return run_tp_parent(args)
     return run_single(args)

@@ -37,10 +37,17 @@ class _Block(nn.Module):
         self.fc = nn.Linear(d, 4 * d)
         self.out = nn.Linear(4 * d, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """``cache`` (sampling only): this block's keys and values of the earlier positions,
+        extended in place; ``x`` is then either the whole prompt (empty cache) or one token."""
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is not None:
+            if cache:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+        # One new token attends to every cached position; a whole prompt is causal.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
         return x + self.out(F.gelu(self.fc(self.ln2(x))))
 
@@ -83,6 +90,16 @@ class TinyGPT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits over this model's (shard of the) vocab."""
         return self.hidden(x) @ self.head_weight.T
+
+    def next_logits(self, x: torch.Tensor, caches: list[dict]) -> torch.Tensor:
+        """Sampling with a key/value cache: ``x`` [B, t] continues the positions cached in
+        ``caches`` (one dict per block, empty at the start; ``x`` is then the prompt, else one
+        token); returns the logits [B, V] of the last position."""
+        start = caches[0]["k"].shape[2] if caches[0] else 0
+        h = self.tok(x) + self.pos(torch.arange(start, start + x.shape[1], device=x.device))
+        for blk, cache in zip(self.blocks, caches):
+            h = blk(h, cache)
+        return self.ln_f(h[:, -1]) @ self.head_weight.T
 
 
 class CopyToTensorParallel(torch.autograd.Function):

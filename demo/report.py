@@ -107,3 +107,124 @@ def plot_curves(path: str, result: dict) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- --on-policy
+
+ONPOLICY_COLUMNS = [
+    ("model", "run (loss/support/K)", "{}"),
+    ("fkl_text", "KL(t‖s) text", "{:.4f}"), ("rkl_text", "KL(s‖t) text", "{:.4f}"),
+    ("fkl_own", "KL(t‖s) own", "{:.4f}"), ("rkl_own", "KL(s‖t) own", "{:.4f}"),
+    ("cos_mean", "grad cos (mean)", "{:.3f}"), ("cos_std", "± std over draws", "{:.3f}"),
+    ("cos_of_mean", "cos of mean grad", "{:.3f}"), ("seconds", "s", "{:.1f}"),
+]
+
+
+def onpolicy_table(rows: list[dict], markdown: bool) -> str:
+    rows = [dict(r, seconds=(r["rollout_s"] + r["train_s"]) if "train_s" in r else None)
+            for r in rows]
+    cells = [[t for _, t, _ in ONPOLICY_COLUMNS]] + [
+        [_cell(r, k, f) for k, _, f in ONPOLICY_COLUMNS] for r in rows]
+    if markdown:
+        rule = "|" + "|".join("---" if k == "model" else "---:" for k, _, _ in ONPOLICY_COLUMNS) + "|"
+        lines = ["| " + " | ".join(c) + " |" for c in cells]
+        return "\n".join([lines[0], rule, *lines[1:]])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(ONPOLICY_COLUMNS))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+             for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_onpolicy_results(out: str, result: dict) -> dict:
+    """Write onpolicy.json, onpolicy.md and onpolicy.png; returns their paths."""
+    paths = {k: os.path.join(out, f"onpolicy.{k}") for k in ("json", "md", "png")}
+    with open(paths["json"], "w") as f:
+        json.dump(result, f, indent=1)
+    s, o = result["settings"], result["onpolicy"]
+    z = o["sizes"]
+    md = [f"# topk-distill demo: on-policy distillation, estimators compared",
+          "",
+          f"Command: `{s['command']}`  ",
+          f"Commit: `{s.get('commit', '?')}`; machine: {s.get('machine', '?')}; torch "
+          f"{s['torch']}, {s['threads']} thread(s); total wall time {result['timing']['total_s']:.0f}s"
+          + (f", CPU time {result['timing']['cpu_s']:.0f}s." if "cpu_s" in result["timing"] else "."),
+          "",
+          f"Student: {s['student']}, warm-started with {o['warm']['steps']} cross-entropy steps on "
+          f"the held-in text, then {z['steps']} on-policy steps of {z['batch']} sequences: a "
+          f"{z['prompt_len']}-token prompt from the held-in text, continued by the student to "
+          f"{s['sizes']['context']} tokens (temperature 1), scored by the teacher ({s['teacher']}) "
+          f"as vLLM's `prompt_logprobs=K` (top-K log-probs and the sampled token's log-prob); the "
+          f"loss is the mean over the generated positions. AdamW, lr {z['lr']}. JSD: beta = "
+          f"{o['rows'][0]['beta'] if o['rows'] else 0.5}.",
+          "",
+          onpolicy_table(o["baselines"] + o["rows"], markdown=True),
+          "",
+          "KL columns: full vocabulary, the teacher's exact distribution, mean nats per position. "
+          f"*text*: {s['eval_positions']:,} held-out text positions (teacher-forced); *own*: the "
+          f"model's own continuations of {z['eval_prompts']} held-out prompts (fixed sampling seed), "
+          "generated positions only - where on-policy training happens. "
+          f"*grad cos*: on one fixed batch ({o['gradient']['positions']} generated positions of the "
+          "warm-started student's samples), the cosine between the estimator's gradient (all "
+          "student parameters) and the gradient of the same divergence over the full vocabulary; "
+          f"for `sampled` the token at every position is redrawn from the student {o['gradient']['draws']} "
+          "times: mean and standard deviation of the per-draw cosine, and the cosine of the "
+          "gradient averaged over the draws (topk/tail are deterministic given the batch). "
+          "*s*: rollout + training seconds of the run.",
+          "", "![on-policy estimators](onpolicy.png)", ""]
+    with open(paths["md"], "w") as f:
+        f.write("\n".join(md))
+    plot_onpolicy(paths["png"], result)
+    return paths
+
+
+def plot_onpolicy(path: str, result: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    o = result["onpolicy"]
+    rows = o["rows"]
+    losses = list(dict.fromkeys(r["loss"] for r in rows))
+    supports = [s for s in dict.fromkeys(r["support"] for r in rows) if s != "full"]
+    warm = o["baselines"][1]
+    panels = [("fkl_own", "KL(teacher ‖ student), own samples"),
+              ("rkl_own", "KL(student ‖ teacher), own samples"),
+              ("cos_mean", "gradient cosine to the full-vocab gradient")]
+    fig, axes = plt.subplots(len(losses), 3, figsize=(15, 3.4 * len(losses)), squeeze=False)
+    for i, loss in enumerate(losses):
+        full = next((r for r in rows if r["loss"] == loss and r["support"] == "full"), None)
+        for j, (key, title) in enumerate(panels):
+            ax = axes[i][j]
+            for c, sup in enumerate(supports):
+                pts = sorted((r["k"], r[key], r["cos_std"]) for r in rows
+                             if r["loss"] == loss and r["support"] == sup)
+                if not pts:
+                    continue
+                ks, ys, es = zip(*pts)
+                if key == "cos_mean":
+                    ax.errorbar(ks, ys, yerr=es, color=f"C{c}", marker="o", capsize=3, label=sup)
+                    if sup == "sampled":
+                        cm = [r["cos_of_mean"] for r in sorted(
+                            (r for r in rows if r["loss"] == loss and r["support"] == sup),
+                            key=lambda r: r["k"])]
+                        ax.plot(ks, cm, color=f"C{c}", ls=":", marker="x",
+                                label=f"sampled, mean of {o['gradient']['draws']} draws")
+                else:
+                    ax.plot(ks, ys, color=f"C{c}", marker="o", label=sup)
+            if key != "cos_mean":
+                if full is not None:
+                    ax.axhline(full[key], color="k", ls="--", lw=1, label="full vocab")
+                ax.axhline(warm[key], color="gray", ls=":", lw=1, label="warm start")
+            else:
+                ax.axhline(1.0, color="k", ls="--", lw=1)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([r for r in sorted({r["k"] for r in rows if r["k"]})])
+            ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.set_xlabel("K (teacher top-K)")
+            ax.set_title(f"{loss}: {title}", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -517,3 +517,130 @@ def test_fsdp_dropin_matches_verl_under_ulysses_sp2():
         for (k, clamp), case in res["fsdp_sp2"].items():
             what = f"fsdp sp2 rank{rank} K={k} clamp={clamp}"
             assert_same(_result(case["ours"], what), _result(case["verl"], what), what)
+
+
+# ----------------------------------------------------------------------------- sampled token
+# verl 0.9.1 returns the teacher's log-prob of the sampled token only to its estimator modes
+# (prompt_logprobs=0; docs/VERL.md "The sampled token"), so the sampled modes are SPEC 10.2's
+# support="sampled" with an empty top-k, on verl's per-token log-probs.
+
+@pytest.mark.parametrize("loss, beta", [("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.5), ("jsd", 0.0),
+                                        ("jsd", 1.0)])
+@pytest.mark.parametrize("clamp", CLAMPS)
+@pytest.mark.parametrize("explicit_mu, clip", [(False, None), (True, None), (True, 2.0)])
+def test_sampled_token_losses_equal_the_sampled_support_with_no_teacher_entries(
+        loss, beta, clamp, explicit_mu, clip):
+    """sampled_token_losses(log q_y, log p_y) is topk_distill_loss(support="sampled") with every
+    teacher entry padding: value and gradient w.r.t. the logits (through log q_y), against the
+    float64 reference (the oracle every backend is tested against)."""
+    n = 40
+    g = torch.Generator().manual_seed(7)
+    z = (torch.randn(n, V, generator=g, dtype=F64) * 2.0)
+    y = torch.randint(0, V, (n,), generator=g)
+    teacher_lp = torch.log_softmax(torch.randn(n, V, generator=g, dtype=F64) * 2.5, -1)
+    lp_y = teacher_lp.gather(-1, y[:, None]).squeeze(-1)
+    mu = (torch.log_softmax(torch.randn(n, V, generator=g, dtype=F64), -1)
+          .gather(-1, y[:, None]).squeeze(-1) if explicit_mu else None)
+    w = torch.rand(n, generator=g, dtype=F64) + 0.5
+    pad_ids = torch.full((n, 1), -1, dtype=torch.int64)
+    kw = dict(loss=loss, beta=beta, log_prob_min_clamp=clamp)
+
+    x = z.clone().requires_grad_()
+    s_y = torch.log_softmax(x, -1).gather(-1, y[:, None]).squeeze(-1)
+    ours = tdv.sampled_token_losses(s_y, lp_y, sample_log_probs=mu, sample_weight_clip=clip, **kw)
+    (g_ours,) = torch.autograd.grad((ours * w).sum(), x)
+    xr = z.clone().requires_grad_()
+    out = td.reference.topk_distill_loss(
+        xr, pad_ids, torch.zeros(n, 1, dtype=F64), support="sampled", labels=y,
+        label_teacher_logprobs=lp_y, label_sample_logprobs=mu, sample_weight_clip=clip,
+        reduction="none", **kw)
+    (g_ref,) = torch.autograd.grad((out.loss * w).sum(), xr)
+    assert_close(ours, out.loss.detach(), F64, "value")
+    assert_close_rowwise(g_ours, g_ref, F64, "gradient")
+
+
+def test_sampled_token_losses_mean_over_draws_is_the_full_vocabulary_divergence():
+    """By enumeration of y ~ q: E[value] = KL over the full vocabulary, E[gradient] = its
+    gradient (reverse KL; the unbiasedness behind the verl modes)."""
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(3, V, generator=g, dtype=F64).requires_grad_()
+    t = torch.log_softmax(torch.randn(3, V, generator=g, dtype=F64) * 2, -1)
+    s = torch.log_softmax(z, -1)
+    q = s.exp().detach()
+    expected = (s.exp() * (s - t)).sum(-1)
+    mean = (q * tdv.sampled_token_losses(s, t, loss="rkl")).sum(-1)
+    assert_close(mean, expected, F64, "value")
+    (g_mean,) = torch.autograd.grad(mean.sum(), z, retain_graph=True)
+    (g_full,) = torch.autograd.grad(expected.sum(), z)
+    assert_close(g_mean, g_full, F64, "gradient")
+
+
+def test_sampled_token_losses_bad_arguments():
+    a = torch.zeros(3)
+    with pytest.raises(ValueError, match="loss"):
+        tdv.sampled_token_losses(a, a, loss="tvd")
+    with pytest.raises(ValueError, match="beta"):
+        tdv.sampled_token_losses(a, a, loss="jsd", beta=1.5)
+    with pytest.raises(ValueError, match="sample_weight_clip"):
+        tdv.sampled_token_losses(a, a, sample_weight_clip=0.0)
+    with pytest.raises(ValueError, match="same shape"):
+        tdv.sampled_token_losses(a, torch.zeros(4))
+
+
+def _estimator_batch(seed):
+    """verl's estimator-mode micro batch for LENS sequences of prompt + response: nested
+    ``prompts`` / ``responses`` / full-sequence ``teacher_logprobs`` [B, j, 1], the actor's
+    ``log_probs`` (packed, differentiable) and the response slices an oracle reads."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_lens, resp_lens = (2, 3, 1), LENS
+    nested = lambda ts: torch.nested.nested_tensor(ts, layout=torch.jagged)  # noqa: E731
+    seq_lens = [p + r for p, r in zip(prompt_lens, resp_lens)]
+    student = (torch.rand(sum(seq_lens), generator=g, dtype=F64) * -4).float().requires_grad_()
+    teacher = [torch.rand(n, 1, generator=g) * -4 for n in seq_lens]
+    data = {"prompts": nested([torch.zeros(p, dtype=torch.int64) for p in prompt_lens]),
+            "responses": nested([torch.zeros(r, dtype=torch.int64) for r in resp_lens]),
+            "teacher_logprobs": nested(teacher),
+            "response_mask": nested([torch.ones(r, dtype=torch.bool) for r in resp_lens])}
+    # verl's left shift: response token i of a sequence is predicted at position p + i - 1
+    offsets = [0] + list(torch.tensor(seq_lens).cumsum(0).tolist())
+    rows = [list(range(offsets[b] + p - 1, offsets[b] + p - 1 + r))
+            for b, (p, r) in enumerate(zip(prompt_lens, resp_lens))]
+    return data, student, teacher, rows
+
+
+@pytest.mark.parametrize("mode", sorted(tdv.VERL_SAMPLED_MODES))
+def test_sampled_modes_are_verl_estimator_modes(verl, mode):
+    """Registered with use_estimator=True (verl then asks its teacher for the sampled token's
+    log-prob), accepted by verl's config, and verl's registry function computes
+    sampled_token_losses on verl's response slices of the packed log-probs."""
+    data, student, teacher, rows = _estimator_batch(seed=5)
+    with tdv.patch_verl() as patch:
+        settings = verl.losses.get_distillation_loss_settings(mode)
+        assert settings.use_estimator and not settings.use_topk
+        cfg = _config(verl, -3.0, None, mode=mode)
+        assert cfg.distillation_loss.loss_settings.use_estimator
+        fn = verl.losses.get_distillation_loss_fn(mode)
+        assert patch.registered[mode] is fn
+        losses, metrics = fn(config=None, distillation_config=cfg,
+                             model_output={"log_probs": student}, data=data)
+    assert "distillation/abs_loss" in metrics
+    assert mode not in verl.losses.DISTILLATION_LOSS_REGISTRY   # undone on exit
+    teacher_packed = torch.cat(teacher)[:, 0]   # verl shifts both by the same one position
+    for b, r in enumerate(rows):
+        s, t = student[r], teacher_packed[r]
+        exp = tdv.sampled_token_losses(s, t, log_prob_min_clamp=-3.0, **tdv.VERL_SAMPLED_MODES[mode])
+        assert_close(losses[b, :len(r)], exp, F32, f"{mode} sequence {b}")
+    (grad,) = torch.autograd.grad(losses.sum(), student)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_reverse_kl_sampled_has_verls_k1_value_and_the_unbiased_gradient(verl):
+    """Without clamp and with mu = q, reverse_kl_sampled's per-token value is verl's k1
+    (log q_y - log p_y); its gradient is (log q_y - log p_y + 1) grad log q_y, not k1's
+    grad log q_y, whose mean over y ~ q is 0."""
+    s = torch.tensor([-0.5, -2.0, -4.0], dtype=F64, requires_grad=True)
+    t = torch.tensor([-1.0, -1.5, -6.0], dtype=F64)
+    ours = tdv.sampled_token_losses(s, t, loss="rkl")
+    assert_close(ours, s - t, F64, "value = k1")
+    (grad,) = torch.autograd.grad(ours.sum(), s)
+    assert_close(grad, (s - t + 1).detach(), F64, "gradient")

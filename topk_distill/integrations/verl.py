@@ -37,6 +37,7 @@ verl is imported only inside the functions here (importing topk_distill never im
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 from typing import Dict, Mapping, Optional
 
@@ -48,7 +49,8 @@ from ..losses import topk_distill_loss
 from .megatron import megatron_tp_layout
 
 __all__ = ["fsdp_compute_forward_kl_topk", "megatron_compute_forward_kl_topk", "patch_verl",
-           "unpatch_verl", "VERL_LOSS_MODES", "VerlPatch"]
+           "unpatch_verl", "sampled_token_losses", "VERL_LOSS_MODES", "VERL_SAMPLED_MODES",
+           "VerlPatch"]
 
 # The loss modes patch_verl registers with verl (verl's `register_distillation_loss`), as keywords
 # of topk_distill_loss. Their names follow verl's "forward_kl_topk"; their losses follow
@@ -62,8 +64,22 @@ VERL_LOSS_MODES: Dict[str, dict] = {
 }
 _FORWARD_KL = dict(loss="fkl", support="topk")  # verl's forward_kl_topk (and every other mode)
 
-# loss_mode -> topk_distill_loss keywords, while patch_verl is in effect.
+# SPEC 10.2's support="sampled" as far as verl 0.9.1's data allow it (docs/VERL.md, "The sampled
+# token"): verl's teacher returns the sampled token's log-prob only for its single-sample
+# "estimator" loss modes (prompt_logprobs=0, no top-k); its top-k modes drop it. These modes are
+# registered as estimator modes (use_estimator=True) and compute the sampled estimator with an
+# empty top-k: per token w * f(p_y, q_y), w = 1 / mu_y held constant - unbiased, value and
+# gradient, for the full-vocabulary divergence (:func:`sampled_token_losses`).
+VERL_SAMPLED_MODES: Dict[str, dict] = {
+    "forward_kl_sampled": dict(loss="fkl"),
+    "reverse_kl_sampled": dict(loss="rkl"),
+    "jsd_sampled": dict(loss="jsd", beta=0.5),
+}
+
+# loss_mode -> topk_distill_loss keywords (top-k modes) / sampled_token_losses keywords
+# (estimator modes), while patch_verl is in effect.
 _ACTIVE_MODES: Dict[str, dict] = {}
+_ACTIVE_SAMPLED_MODES: Dict[str, dict] = {}
 
 _STRATEGY_MODULES = ("verl.trainer.distillation.fsdp.losses",
                      "verl.trainer.distillation.megatron.losses")
@@ -252,6 +268,94 @@ def megatron_compute_forward_kl_topk(student_logits: Tensor, teacher_topk_log_pr
     return _result(out, student_mass, _clamped_teacher_mass(lp, ids, clamp))
 
 
+# ----------------------------------------------------------------------------- sampled token
+
+def sampled_token_losses(student_log_probs: Tensor, teacher_log_probs: Tensor, *, loss: str = "rkl",
+                         beta: float = 0.5, log_prob_min_clamp: Optional[float] = None,
+                         sample_log_probs: Optional[Tensor] = None,
+                         sample_weight_clip: Optional[float] = None) -> Tensor:
+    """SPEC 10.2's ``support="sampled"`` with no teacher top-k entries, per token:
+    ``w * f(p_y, q_y)`` from the log-probs of the sampled token y alone.
+
+    ``student_log_probs`` = ``log q_y`` (differentiable; verl's ``model_output["log_probs"]``),
+    ``teacher_log_probs`` = ``log p_y`` (verl's ``teacher_logprobs`` of an estimator mode),
+    ``sample_log_probs`` = ``log mu_y``, the distribution y was drawn from (default: ``log q_y``
+    detached). ``w = 1 / mu_y`` is a constant (with ``sample_weight_clip = c``:
+    ``min(1 / mu_y, c / q_y)``); ``log_prob_min_clamp`` applies to ``log q_y`` and ``log p_y`` in
+    ``f``. ``f`` is the loss's per-token term of SPEC 10.2: fkl ``p (log p - log q)``, rkl
+    ``q (log q - log p)``, jsd ``beta p log(p/m) + (1-beta) q log(q/m)``, ``m = beta p + (1-beta) q``.
+    For y ~ mu the mean over draws of the value and of its gradient are the full-vocabulary
+    divergence and its gradient (the ``topk_distill_loss(..., support="sampled")`` estimator with
+    every teacher entry padding; tests/test_verl.py checks the two agree). Returns fp32 (fp64 for
+    fp64 input) of the inputs' shape.
+    """
+    if loss not in ("fkl", "rkl", "jsd"):
+        raise ValueError(f"loss: 'fkl', 'rkl' or 'jsd', not {loss!r}")
+    if loss == "jsd" and not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if student_log_probs.shape != teacher_log_probs.shape:
+        raise ValueError(f"student_log_probs {tuple(student_log_probs.shape)} and teacher_log_probs "
+                         f"{tuple(teacher_log_probs.shape)}: the same shape expected")
+    if sample_weight_clip is not None and not sample_weight_clip > 0:
+        raise ValueError(f"sample_weight_clip must be > 0, got {sample_weight_clip}")
+    dtype = torch.float64 if student_log_probs.dtype == torch.float64 else torch.float32
+    s, l = student_log_probs.to(dtype), teacher_log_probs.to(dtype)
+    mu = s.detach() if sample_log_probs is None else sample_log_probs.to(dtype).detach()
+    w = torch.exp(-mu)
+    if sample_weight_clip is not None:
+        w = torch.minimum(w, sample_weight_clip * torch.exp(-s.detach()))
+    if log_prob_min_clamp is not None:
+        s, l = s.clamp_min(log_prob_min_clamp), l.clamp_min(log_prob_min_clamp)
+    if loss == "jsd" and beta == 0.0:
+        loss = "fkl"
+    if loss == "jsd" and beta == 1.0:
+        loss = "rkl"
+    if loss == "fkl":
+        f = l.exp() * (l - s)
+    elif loss == "rkl":
+        f = s.exp() * (s - l)
+    else:
+        log_m = torch.logaddexp(l + math.log(beta), s + math.log1p(-beta))
+        f = beta * l.exp() * (l - log_m) + (1 - beta) * s.exp() * (s - log_m)
+    return w * f
+
+
+def _padded(t: Tensor, data) -> Tensor:
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    return no_padding_2_padding(t, data)
+
+
+def _sampled_estimator_loss(config, distillation_config, model_output, data):
+    """verl's estimator-mode loss function (the signature of ``compute_distillation_loss_reverse_
+    kl_estimator``) for the :data:`VERL_SAMPLED_MODES`: per-token ``[bsz, resp_len]`` losses of
+    :func:`sampled_token_losses` and verl's ``distillation/abs_loss`` metric. ``mu`` is the
+    policy that sampled the response, ``data["old_log_probs"]`` when verl provides it (the
+    rollout's log-probs, recomputed by the actor), else the student's current log-probs."""
+    from verl.utils.metric import AggregationType, Metric
+
+    loss_config = _loss_config(distillation_config)
+    kwargs = _ACTIVE_SAMPLED_MODES[loss_config.loss_mode]
+    student = _padded(model_output["log_probs"], data)
+    teacher = _padded(data["teacher_logprobs"], data).squeeze(-1)
+    old = data.get("old_log_probs", None)
+    if old is not None and old.is_nested:
+        old = old.to_padded_tensor(0.0)
+    if old is not None and old.shape != student.shape:
+        old = None
+    mask = data["response_mask"]
+    mask = (mask.to_padded_tensor(False) if mask.is_nested else mask).bool()
+    if not teacher.shape == student.shape == mask.shape:
+        raise ValueError(f"{loss_config.loss_mode}: teacher_logprobs {tuple(teacher.shape)}, student "
+                         f"log_probs {tuple(student.shape)} and response_mask {tuple(mask.shape)} "
+                         f"differ (an estimator mode's teacher returns one log-prob per token)")
+    clamp = getattr(loss_config, "log_prob_min_clamp", None)
+    losses = sampled_token_losses(student, teacher, sample_log_probs=old,
+                                  log_prob_min_clamp=None if clamp is None else float(clamp),
+                                  **kwargs)
+    return losses, {"distillation/abs_loss": Metric(AggregationType.MEAN, losses[mask].abs().mean())}
+
+
 # ----------------------------------------------------------------------------- patching verl
 
 class VerlPatch:
@@ -283,7 +387,8 @@ _DROP_INS = {_STRATEGY_MODULES[0]: fsdp_compute_forward_kl_topk,
              _STRATEGY_MODULES[1]: megatron_compute_forward_kl_topk}
 
 
-def patch_verl(modes: Optional[Mapping[str, dict]] = None) -> VerlPatch:
+def patch_verl(modes: Optional[Mapping[str, dict]] = None,
+               sampled_modes: Optional[Mapping[str, dict]] = None) -> VerlPatch:
     """Swap the drop-ins into the installed verl and register extra top-k loss modes.
 
     * ``verl.trainer.distillation.{fsdp,megatron}.losses.compute_forward_kl_topk`` become
@@ -296,6 +401,11 @@ def patch_verl(modes: Optional[Mapping[str, dict]] = None) -> VerlPatch:
       [name], use_topk=True))``, with verl's ``forward_kl_topk`` loss function (its metrics and
       ``clamp_min(0)``); with ``distillation_loss.loss_mode=<name>`` the drop-ins then compute
       that divergence. A name verl already has is a ``ValueError``.
+    * Each loss mode of ``sampled_modes`` (default :data:`VERL_SAMPLED_MODES`:
+      ``forward_kl_sampled``, ``reverse_kl_sampled``, ``jsd_sampled``; ``{name:
+      sampled_token_losses keywords}``) is registered as an estimator mode
+      (``use_estimator=True``: verl's teacher then returns the sampled token's log-prob) with
+      :func:`_sampled_estimator_loss`.
 
     Idempotent (a second call returns the active patch; new ``modes`` are an error). Call it in
     every process that runs verl's loss - with Ray, e.g. through verl's plugin hook
@@ -304,15 +414,21 @@ def patch_verl(modes: Optional[Mapping[str, dict]] = None) -> VerlPatch:
     """
     global _PATCH
     modes = dict(VERL_LOSS_MODES if modes is None else modes)
+    sampled_modes = dict(VERL_SAMPLED_MODES if sampled_modes is None else sampled_modes)
     if _PATCH is not None:
-        if modes != {name: _ACTIVE_MODES[name] for name in _PATCH.registered}:
+        if (modes != {n: _ACTIVE_MODES[n] for n in _PATCH.registered if n in _ACTIVE_MODES}
+                or sampled_modes != {n: _ACTIVE_SAMPLED_MODES[n] for n in _PATCH.registered
+                                     if n in _ACTIVE_SAMPLED_MODES}):
             raise ValueError("patch_verl: verl is already patched with other loss modes "
                              f"({sorted(_PATCH.registered)}); call unpatch_verl() first")
         return _PATCH
     from verl.trainer.distillation import losses as verl_losses
 
     final_loss_fn = verl_losses.get_distillation_loss_fn("forward_kl_topk")
-    taken = sorted(set(modes) & set(verl_losses.DISTILLATION_LOSS_REGISTRY))
+    both = sorted(set(modes) & set(sampled_modes))
+    if both:
+        raise ValueError(f"patch_verl: {both} in both modes and sampled_modes")
+    taken = sorted((set(modes) | set(sampled_modes)) & set(verl_losses.DISTILLATION_LOSS_REGISTRY))
     if taken:
         raise ValueError(f"patch_verl: verl already registers the loss mode(s) {taken}; pass "
                          f"modes= with other names")
@@ -322,6 +438,13 @@ def patch_verl(modes: Optional[Mapping[str, dict]] = None) -> VerlPatch:
             raise ValueError(f"patch_verl: modes[{name!r}] must be a dict of topk_distill_loss "
                              f"loss keywords (loss, support, beta, ...; the clamp comes from "
                              f"verl's config); got {kwargs!r}")
+    sampled_keywords = {"loss", "beta", "sample_weight_clip"}
+    for name, kwargs in sampled_modes.items():
+        if not isinstance(kwargs, Mapping) or set(kwargs) - sampled_keywords:
+            raise ValueError(f"patch_verl: sampled_modes[{name!r}] must be a dict of "
+                             f"sampled_token_losses keywords {sorted(sampled_keywords)}; got "
+                             f"{kwargs!r}")
+        sampled_token_losses(torch.zeros(1), torch.zeros(1), **kwargs)   # bad values raise here
 
     patch = VerlPatch()
     for module_name in _STRATEGY_MODULES:
@@ -339,6 +462,11 @@ def patch_verl(modes: Optional[Mapping[str, dict]] = None) -> VerlPatch:
         verl_losses.register_distillation_loss(settings)(final_loss_fn)
         patch.registered[name] = final_loss_fn
         _ACTIVE_MODES[name] = dict(kwargs)
+    for name, kwargs in sampled_modes.items():
+        settings = verl_losses.DistillationLossSettings(names=[name], use_estimator=True)
+        verl_losses.register_distillation_loss(settings)(_sampled_estimator_loss)
+        patch.registered[name] = _sampled_estimator_loss
+        _ACTIVE_SAMPLED_MODES[name] = dict(kwargs)
     _PATCH = patch
     return patch
 
@@ -358,5 +486,6 @@ def unpatch_verl() -> bool:
             del verl_losses.DISTILLATION_LOSS_REGISTRY[name]
             verl_losses.DISTILLATION_SETTINGS_REGISTRY.pop(name, None)
         _ACTIVE_MODES.pop(name, None)
+        _ACTIVE_SAMPLED_MODES.pop(name, None)
     _PATCH = None
     return True
