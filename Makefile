@@ -6,9 +6,9 @@
 #   make bench     python -m benchmarks
 #   make profile   python -m benchmarks.profile
 #   make gpu-check on a lent GPU machine: build for its GPU, CUDA tests, compute-sanitizer,
-#                  quick benchmark; summary + logs in GPU_CHECK_OUT (python -m benchmarks.gpu_check).
+#                  quick benchmark; summary + logs in GPU_CHECK_OUT (python -m tools.gpu_check).
 #                  Uses PYTHON as it is (installs nothing): make gpu-check PYTHON=python3 GPU_CHECK_OUT=DIR
-#   make sass      python -m benchmarks.sass: static SASS instruction budget of the CUDA kernels
+#   make sass      python -m tools.sass: static SASS instruction budget of the CUDA kernels
 #                  for sm_90 (no GPU needed; nvcc + nvdisasm/cuobjdump, which torch's triton brings)
 #   make build     (re)build topk_distill/_C*.so in place; incremental (ninja)
 #   make setup     only the environment;  make clean (build outputs);  make distclean (+ .venv)
@@ -31,7 +31,7 @@
 #   TORCH_CUDA_ARCH_LIST        default: the visible GPUs, else "8.0;9.0"
 #   MAX_JOBS                    parallel compile jobs (default 2)
 #   PYTEST_ARGS                 extra pytest arguments, e.g. PYTEST_ARGS="-k rkl -x"
-#   SASS_ARGS                   extra benchmarks.sass arguments, e.g. SASS_ARGS="--files shard_pass"
+#   SASS_ARGS                   extra tools.sass arguments, e.g. SASS_ARGS="--files shard_pass"
 #   CMAKE_TESTS=0               skip the CMake/CTest part of `make test`
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -174,11 +174,11 @@ profile: build
 
 GPU_CHECK_OUT ?= benchmarks/results/gpu_check
 gpu-check:
-	$(PYTHON) -m benchmarks.gpu_check --out $(GPU_CHECK_OUT)
+	$(PYTHON) -m tools.gpu_check --out $(GPU_CHECK_OUT)
 
 # Reuses the nvcc flags of the build's ninja file, hence `build` first (incremental).
 sass: build
-	$(PYTHON) -m benchmarks.sass $(SASS_ARGS)
+	$(PYTHON) -m tools.sass $(SASS_ARGS)
 
 clean:
 	rm -rf $(BUILD_DIR) topk_distill/_C*.so *.egg-info .pytest_cache .hypothesis

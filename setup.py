@@ -6,11 +6,13 @@
 # Environment:
 #   (The CUDA kernels are always built for the CUDA emulator too, csrc/emu/: no nvcc needed.)
 #   TOPK_DISTILL_CUDA=auto|0|1  auto (default): build the CUDA kernels whenever this torch
-#                               has CUDA (torch.version.cuda) and nvcc is found (CUDA_HOME,
-#                               CUDA_PATH, /usr/local/cuda or PATH) - a visible GPU is not
-#                               needed. 1: CUDA required (error if impossible). 0: CPU only.
-#   TORCH_CUDA_ARCH_LIST        default: the visible GPUs' archs, or "8.0;9.0" when none is
-#                               visible (e.g. building on a CPU-only CI machine).
+#                               has CUDA (torch.version.cuda) and an nvcc of the same CUDA
+#                               major version is found (CUDA_HOME, CUDA_PATH, /usr/local/cuda or
+#                               PATH) - a visible GPU is not needed. 1: CUDA required (error if
+#                               impossible). 0: CPU only.
+#   TORCH_CUDA_ARCH_LIST        default: the visible GPUs' archs, or "8.0;9.0;10.0+PTX" when
+#                               none is visible (e.g. building on a CPU-only CI machine): A100,
+#                               H100, B200, plus PTX of the newest for a GPU not compiled for (JIT).
 #   MAX_JOBS                    parallel compile jobs, default 2 (nvcc needs ~1-2 GiB each).
 #   TOPK_DISTILL_DEBUG=1        -O0 -g host code and -G device code, for debugging.
 import glob
@@ -75,6 +77,19 @@ def find_cuda_home():
     return None
 
 
+def nvcc_cuda_version(cuda_home):
+    """"13.0" from `nvcc --version` ("release 13.0, V13.0.88"), or "" when it cannot be read."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    for line in out.splitlines():
+        if "release " in line:
+            return line.split("release ", 1)[1].split(",")[0].strip()
+    return ""
+
+
 # --- decide whether to build CUDA, before importing cpp_extension (it reads CUDA_HOME once) ---
 MODE = os.environ.get("TOPK_DISTILL_CUDA", "auto").strip().lower()
 if MODE not in ("auto", "0", "1"):
@@ -106,10 +121,22 @@ elif not CUDA_HOME:
     if MODE == "1":
         sys.exit(f"TOPK_DISTILL_CUDA=1 but {why}")
     log(f"{why}: CPU-only build")
+elif nvcc_cuda_version(CUDA_HOME).split(".")[0] != torch.version.cuda.split(".")[0]:
+    # torch's cpp_extension refuses an nvcc of another CUDA major version than torch's own.
+    why = (f"nvcc at {CUDA_HOME} is CUDA {nvcc_cuda_version(CUDA_HOME) or '?'}, torch "
+           f"{torch.__version__} is built with CUDA {torch.version.cuda} (the major versions must match)")
+    if MODE == "1":
+        sys.exit(f"TOPK_DISTILL_CUDA=1 but {why}")
+    log(f"{why}: CPU-only build")
 else:
     WITH_CUDA = True
-    log(f"building CUDA kernels: torch CUDA {torch.version.cuda}, CUDA_HOME={CUDA_HOME}")
+    log(f"building CUDA kernels: torch CUDA {torch.version.cuda}, nvcc CUDA "
+        f"{nvcc_cuda_version(CUDA_HOME)}, CUDA_HOME={CUDA_HOME}")
 
+# No GPU visible: Ampere, Hopper and Blackwell (sm_80, sm_90, sm_100), plus PTX for the newest
+# so that a newer GPU still runs the kernels (the driver JIT-compiles the PTX). Same default in
+# CMakeLists.txt.
+DEFAULT_CUDA_ARCHS = "8.0;9.0;10.0+PTX"
 DEBUG = os.environ.get("TOPK_DISTILL_DEBUG", "0") == "1"
 os.environ.setdefault("MAX_JOBS", "2")
 
@@ -136,7 +163,11 @@ depends = _rel(
 # libgomp.so.1 since torch is always loaded first, so there is only one OpenMP runtime.
 omp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
 
-cxx_flags = ["-O0", "-g"] if DEBUG else ["-O3"]
+# The C++ standard is ours to state (csrc/ uses C++20: std::source_location, std::bit_cast):
+# torch's cpp_extension adds -std=c++17 up to torch 2.11 and -std=c++20 from 2.12 on, each
+# only when the flags have no -std= already (nvcc rejects two), so this one wins on every torch.
+CXX_STD = "-std=c++20"
+cxx_flags = [CXX_STD] + (["-O0", "-g"] if DEBUG else ["-O3"])
 cxx_flags += ["-Wall", "-Wno-unknown-pragmas", "-fno-math-errno"] + omp
 define_macros = []
 extra_link_args = list(omp)
@@ -145,7 +176,7 @@ include_dirs = [CSRC]
 
 if WITH_CUDA:
     define_macros.append(("TOPK_DISTILL_WITH_CUDA", "1"))
-    nvcc_flags = ["-O0", "-G", "-g"] if DEBUG else ["-O3", "-lineinfo"]
+    nvcc_flags = [CXX_STD] + (["-O0", "-G", "-g"] if DEBUG else ["-O3", "-lineinfo"])
     nvcc_flags += [
         "--threads=1",  # one arch at a time per nvcc: bounds peak memory on a 2-core box
         "--expt-relaxed-constexpr",
@@ -158,7 +189,7 @@ if WITH_CUDA:
             archs = ";".join(f"{a}.{b}" for a, b in caps)
             log(f"TORCH_CUDA_ARCH_LIST unset: visible GPU(s) -> {archs}")
         else:
-            archs = "8.0;9.0"
+            archs = DEFAULT_CUDA_ARCHS
             log(f"TORCH_CUDA_ARCH_LIST unset and no GPU visible -> {archs}")
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     else:

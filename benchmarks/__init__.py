@@ -4,7 +4,6 @@ docs/PERFORMANCE.md).
     python -m benchmarks            # make bench: speed, GB/s and peak memory tables + plot
     python -m benchmarks.comm       # TP communication model (gloo, 2 and 4 processes)
     python -m benchmarks.profile    # make profile: nsys (CUDA) or a torch.profiler trace
-    python -m benchmarks.sass       # make sass: static SASS instruction budget (sm_90, no GPU)
 
 Results are written under benchmarks/results/, named by device (cpu.json, cpu.md, cpu.png, ...).
 """

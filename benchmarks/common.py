@@ -92,10 +92,12 @@ def environment(device: torch.device, module: str = "benchmarks",
     }
 
 
-def write_results(stem: str, doc: dict, markdown: str) -> Path:
-    """benchmarks/results/<stem>.json (``doc``) and .md (``markdown``); returns the .json path."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{stem}.json"
+def write_results(stem: str, doc: dict, markdown: str, out_dir=RESULTS) -> Path:
+    """<out_dir>/<stem>.json (``doc``) and .md (``markdown``), out_dir defaulting to
+    benchmarks/results (a benchmark's ``--out``); returns the .json path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{stem}.json"
     out.write_text(json.dumps(doc, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown)
     print(f"wrote {out} and {out.with_suffix('.md')}")

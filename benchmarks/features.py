@@ -15,8 +15,12 @@ in turn, so a shared machine's background load hits them alike) and its peak mem
                torch.topk of the raw logits (issue 16)
   layout       the loss on contiguous [B*T, V] logits | on logits[:, :-1] of a [B, T + 1, V]
                tensor (a view with two leading strides, no copy; issue 14)
+  supports     fkl/topk with labels requested | support="sampled" (labels, label_teacher_logprobs)
+               | support="generalized" with labels, each backpropagating loss + 0.1 *
+               label_logprobs.sum() (issue 25: <= 1.05x, no extra pass, same peak memory)
 
-Writes benchmarks/results/features_<device>.{json,md}.
+Writes benchmarks/results/features_<device>.{json,md}; with ``--groups`` (a subset, e.g.
+``--groups supports``) benchmarks/results/features_<groups>_<device>.{json,md}.
 """
 from __future__ import annotations
 
@@ -86,6 +90,15 @@ def groups(n, v, k, dtype, device):
     contiguous = sliced.reshape(b * t, v).contiguous()
     ids3, lp3 = ids[:b * t].view(b, t, k), lp[:b * t].view(b, t, k)
 
+    g_lab = torch.Generator().manual_seed(2)
+    label_lp = (-torch.rand(n, generator=g_lab) * 8).to(device)  # log p_y of the sampled token
+
+    def with_labels(support, **extra):
+        def fn(x):
+            out = td.topk_distill_loss(x, ids, lp, support=support, labels=labels, **extra, **kd)
+            return out.loss + 0.1 * out.label_logprobs.sum()
+        return fn
+
     def layout_loss(x):
         return td.topk_distill_loss(x, ids3.reshape(*x.shape[:-1], k),
                                     lp3.reshape(*x.shape[:-1], k), **kd).loss
@@ -99,14 +112,19 @@ def groups(n, v, k, dtype, device):
                              "loss + topk(raw logits)": raw_topk}),
         "layout": ({"contiguous [B*T, V]": contiguous, "logits[:, :-1] view": sliced},
                    {"contiguous [B*T, V]": layout_loss, "logits[:, :-1] view": layout_loss}),
+        "supports": (z, {"topk + labels": with_labels("topk"),
+                         "sampled": with_labels("sampled", label_teacher_logprobs=label_lp),
+                         "generalized + labels": with_labels("generalized")}),
     }
 
 
-def run(n, v, k, reps, warmup, device):
+def run(n, v, k, reps, warmup, device, only=None):
     rows = []
     for dname in ("fp32", "bf16"):
         dtype = common.DTYPES[dname]
         for group, (x, fns) in groups(n, v, k, dtype, device).items():
+            if only and group not in only:
+                continue
             if isinstance(x, dict):  # different inputs per variant: time each on its own input
                 timings = {}
                 for name, fn in fns.items():
@@ -153,11 +171,14 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--groups", nargs="*", default=None,
+                    help="only these groups (rl_outputs mixture student_topk layout supports)")
     args = ap.parse_args(argv)
     device = common.pick_device(args.device)
-    rows = run(args.n, args.v, args.k, args.reps, args.warmup, device)
+    rows = run(args.n, args.v, args.k, args.reps, args.warmup, device, args.groups)
     doc = {"environment": common.environment(device, "benchmarks.features", argv), "rows": rows}
-    common.write_results(f"features_{device.type}", doc, markdown(doc))
+    name = "features_" + ("_".join(args.groups) + "_" if args.groups else "") + device.type
+    common.write_results(name, doc, markdown(doc))
     return 0
 
 

@@ -28,7 +28,10 @@ static Support parse_support(const std::string& name) {
   if (name == "topk") return Support::kTopK;
   if (name == "renorm") return Support::kRenorm;
   if (name == "tail") return Support::kTail;
-  TORCH_CHECK_VALUE(false, "support must be one of topk, renorm, tail; got '", name, "'");
+  if (name == "sampled") return Support::kSampled;
+  if (name == "generalized") return Support::kGeneralized;
+  TORCH_CHECK_VALUE(false, "support must be one of topk, renorm, tail, sampled, generalized; got '",
+                    name, "'");
 }
 
 LossParams loss_params_from_args(const std::string& loss, const std::string& support, double beta,
@@ -61,6 +64,7 @@ LossTerms loss_terms_from_args(c10::ArrayRef<std::string> loss, c10::ArrayRef<st
   LossTerms terms{};
   terms.count = 0;
   terms.any_renorm = false;
+  terms.any_sampled = false;
   for (size_t i = 0; i < n; ++i) {
     TORCH_CHECK_VALUE(std::isfinite(weight[i]), "weight[", i, "] must be finite; got ", weight[i]);
     // Parsed (and so checked) even when the weight is 0: a bad name is never silently ignored.
@@ -72,6 +76,7 @@ LossTerms loss_terms_from_args(c10::ArrayRef<std::string> loss, c10::ArrayRef<st
     terms.term[terms.count] = p;
     terms.weight[terms.count] = weight[i];
     terms.any_renorm |= p.support == Support::kRenorm;
+    terms.any_sampled |= p.support == Support::kSampled;
     ++terms.count;
   }
   if (terms.count == 0) {  // every weight 0: the loss is 0; keep one term for the shared params
@@ -166,6 +171,29 @@ void check_epilogue_args(const at::Tensor& row_max, const at::Tensor& sums,
   for (const at::Tensor* t : {&sums, &gathered, &teacher_ids, &teacher_logprobs}) {
     TORCH_CHECK_VALUE(t->device() == row_max.device(), "epilogue inputs must share one device");
   }
+}
+
+void check_sampled_args(const LossTerms& terms, const at::Tensor& row_max,
+                        const std::optional<at::Tensor>& labels,
+                        const std::optional<at::Tensor>& label_teacher_logprobs,
+                        const std::optional<at::Tensor>& label_sample_logprobs,
+                        std::optional<double> sample_weight_clip) {
+  if (!terms.any_sampled) return;
+  TORCH_CHECK_VALUE(labels.has_value(), "support=sampled needs labels (the sampled tokens)");
+  TORCH_CHECK_VALUE(label_teacher_logprobs.has_value(),
+                    "support=sampled needs label_teacher_logprobs (log p_y)");
+  const int64_t N = row_max.size(0);
+  for (const auto* t : {&label_teacher_logprobs, &label_sample_logprobs}) {
+    if (!t->has_value()) continue;
+    TORCH_CHECK_VALUE((*t)->dim() == 1 && (*t)->size(0) == N && (*t)->is_contiguous() &&
+                          (*t)->scalar_type() == at::kDouble &&
+                          (*t)->device() == row_max.device(),
+                      "label_teacher_logprobs / label_sample_logprobs must be contiguous float64 "
+                      "[N] tensors on ", row_max.device(), "; got ", (*t)->sizes(), " ",
+                      (*t)->scalar_type());
+  }
+  TORCH_CHECK_VALUE(!sample_weight_clip.has_value() || *sample_weight_clip > 0.0,
+                    "sample_weight_clip must be > 0");
 }
 
 RowLayout check_backward_args(const at::Tensor& logits, const at::Tensor& teacher_ids,

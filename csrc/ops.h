@@ -50,6 +50,26 @@ void check_epilogue_args(const at::Tensor& row_max, const at::Tensor& sums,
                          const at::Tensor& teacher_logprobs, const std::optional<at::Tensor>& mask,
                          const std::optional<at::Tensor>& labels);
 
+// The sampled support's inputs (SPEC 10.2): with a sampled term, labels and
+// label_teacher_logprobs are required; both label log-prob tensors are contiguous f64 [N] on
+// row_max's device; the clip is > 0.
+void check_sampled_args(const LossTerms& terms, const at::Tensor& row_max,
+                        const std::optional<at::Tensor>& labels,
+                        const std::optional<at::Tensor>& label_teacher_logprobs,
+                        const std::optional<at::Tensor>& label_sample_logprobs,
+                        std::optional<double> sample_weight_clip);
+
+// Row n's SampledLabel (divergences.h) from the epilogue's inputs; `sampled` false: none.
+template <typename acc_t>
+inline SampledLabel sampled_label_of(bool sampled, bool counted, int64_t label, acc_t label_x,
+                                     const double* teacher_lp, const double* sample_lp,
+                                     std::optional<double> clip, bool drop_nan, int64_t n) {
+  if (!sampled || !counted || label < 0) return no_sampled_label();
+  return {true, label, to_double(label_x), teacher_lp[n], sample_lp != nullptr,
+          sample_lp != nullptr ? sample_lp[n] : 0.0, clip.has_value(), clip.value_or(0.0),
+          drop_nan};
+}
+
 RowLayout check_backward_args(const at::Tensor& logits, const at::Tensor& teacher_ids,
                               const std::optional<at::Tensor>& labels, const at::Tensor& row_max,
                               const at::Tensor& row_coefs, const at::Tensor& grad_logprobs,
@@ -63,6 +83,6 @@ void check_no_row_overlap(const at::Tensor& logits, const RowLayout& layout);
 
 // The shapes of shard_pass's outputs (the fake kernels in ops.py mirror them).
 constexpr int64_t kShardSums = 5;
-constexpr int64_t kRowCoefs = 6;
+constexpr int64_t kRowCoefs = 7;
 
 }  // namespace topk_distill

@@ -51,19 +51,26 @@ void define_ops(torch::Library& m) {
   //   vocab_size: the global V; ids >= vocab_size are ignored and make their row's loss NaN; a
   //   label >= vocab_size makes that row's label_logprobs NaN.
   //   The loss is sum_i weight[i] * L_i over the terms i (SPEC 9.3): loss[i] in fkl | rkl | jsd |
-  //   fkl+rkl | tvd | skl | srkl, support[i] in topk | renorm | tail, with that term's beta,
-  //   rkl_ratio and skew; a term of weight 0 is skipped. loss_scale multiplies the loss and its
-  //   gradient (T^2 with t2_scale), not label_logprobs / entropy.
+  //   fkl+rkl | tvd | skl | srkl, support[i] in topk | renorm | tail | sampled | generalized,
+  //   with that term's beta, rkl_ratio and skew; a term of weight 0 is skipped. loss_scale
+  //   multiplies the loss and its gradient (T^2 with t2_scale), not label_logprobs / entropy.
+  //   support="sampled" (SPEC 10.2) needs labels (the sampled tokens y) and
+  //   label_teacher_logprobs [N] f64 (log p_y); label_sample_logprobs [N] f64 (log mu_y) is
+  //   optional (None: mu = the student's own q_y), sample_weight_clip c optional (the weight
+  //   min(1/mu_y, c/q_y)); drop_missing_label: a NaN log p_y means no sampled entry (else NaN).
   // Returns loss [N] acc, student_mass [N] f32, teacher_mass [N] f32, label_logprobs [N] acc
   // (z_y / T - LSE; 0 without labels, for an ignored label < 0 or a masked row), entropy [N] acc
   // (-sum_v q_v log q_v with with_entropy, else 0; 0 for a masked row), and for the backward:
-  //   row_coefs [N, 6] f64: [0] log_sum = log of the global sum of exp(z/T - row_max)
+  //   row_coefs [N, 7] f64: [0] log_sum = log of the global sum of exp(z/T - row_max)
   //                             (LSE = row_max + log_sum),
   //                         [1] dense_coef, [2] outside_coef (see backward below),
   //                         [3] the entropy H (what its gradient needs),
   //                         [4] label_factor: 1, or 0 where label_logprobs is a constant 0 (no
   //                             labels, ignored label, masked row), NaN for a label >= V,
-  //                         [5] entropy_factor: 1, or 0 for a masked row or without entropy;
+  //                         [5] entropy_factor: 1, or 0 for a masked row or without entropy,
+  //                         [6] label_coef: dL/ds_y of the sampled entry (0 without one); the
+  //                             caller adds grad_rows * label_coef to the label's upstream
+  //                             gradient, so the backward's label path carries it;
   //   grad_logprobs [N, K] f64: g_k, the direct part of dL/ds_k (0 for padding, invalid entries
   //                             and masked rows), summed over the terms.
   // The dependence of the tail / outside bin on u = 1 - Q (the student's mass off the teacher's
@@ -74,7 +81,9 @@ void define_ops(torch::Library& m) {
       "epilogue(Tensor row_max, Tensor sums, Tensor gathered, Tensor teacher_ids,"
       " Tensor teacher_logprobs, Tensor? mask, Tensor? labels, int vocab_size, str[] loss,"
       " str[] support, float[] weight, float[] beta, float[] rkl_ratio, float[] skew,"
-      " float? log_prob_min_clamp, float loss_scale, bool with_entropy)"
+      " float? log_prob_min_clamp, float loss_scale, bool with_entropy,"
+      " Tensor? label_teacher_logprobs, Tensor? label_sample_logprobs,"
+      " float? sample_weight_clip, bool drop_missing_label)"
       " -> (Tensor loss, Tensor student_mass, Tensor teacher_mass, Tensor label_logprobs,"
       " Tensor entropy, Tensor row_coefs, Tensor grad_logprobs)");
 

@@ -27,7 +27,8 @@ import torch
 import topk_distill as td
 from topk_distill import ops
 
-from _inputs import LOSSES, SUPPORTS, assert_close_rowwise, teacher_batch, tolerances
+from _inputs import (LOSSES, SUPPORTS, assert_close_rowwise, emulated_cuda_ran, teacher_batch,
+                     tolerances)
 import _op_reference as ref
 
 F64 = torch.float64
@@ -873,6 +874,122 @@ def test_emulated_results_do_not_depend_on_the_schedule(seed, monkeypatch):
     for res in results[1:]:
         for a, b in zip(res, results[0]):
             assert torch.equal(a.nan_to_num(1.5), b.nan_to_num(1.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64])
+def test_large_logits_with_repeated_ids_match_the_cpu_op_tightly(dev, dtype):
+    """|z| ~ 1e4 at T = 0.7 (z / T not exact), repeated ids in every other row: the teacher sums
+    and gathered logits match the CPU op to a few ulp. nvcc contracts a product that is stored
+    and also summed (x = z / T; exp(x - M)) into an FMA unless device code spells mul_rn: then
+    the rows with a repeat (which read the stored x back) and the others differ from the CPU by
+    |x| 2^-24 ~ 9e-4 relative here - which this tolerance catches on a GPU."""
+    n, v, k, inv_t = 16, 4099, 24, 1.0 / 0.7
+    g = torch.Generator().manual_seed(61)
+    sign = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0).to(F64)[:, None]
+    z = (sign * 1e4 + 3.0 * torch.randn(n, v, generator=g, dtype=F64)).to(dtype)
+    ids = torch.randint(0, v, (n, k), generator=g)
+    ids[:, :12] = z.double().topk(12, dim=-1).indices  # terms that weigh in the sums
+    ids[::2, 13] = ids[::2, 0]
+    ids[::2, 14] = ids[::2, 3]
+    lp = torch.log_softmax(torch.randn(n, k, generator=g, dtype=F64), -1).float()
+    labels = ids[:, 2].clone()
+    want = cpu_op("shard_pass", z, ids, labels, 0, inv_t, True, 0)
+    got = [t.cpu() for t in dev.run("shard_pass", z, ids, labels, 0, inv_t, True, 0)]
+    assert torch.equal(got[0], want[0])  # M = fl(zmax * fl(1 / T)): the same rounding
+    assert torch.equal(got[2], want[2])  # gathered x = fl(z * fl(1 / T))
+    assert torch.equal(got[1][:, 3], want[1][:, 3])  # distinct columns
+    rtol = 4e-6 if dtype != F64 else 1e-13
+    for col, what in ((1, "teach"), (2, "dup"), (0, "rest"), (4, "entropy sum")):
+        # (fp64's 4099-term sums: the emulated exp2 with its exact correction vs the CPU's exp)
+        tol = rtol if dtype != F64 or col in (1, 2) else 5e-12
+        torch.testing.assert_close(got[1][:, col], want[1][:, col], rtol=tol, atol=0, msg=what)
+    # the backward's sparse columns recompute x from the logits: the same rounding again
+    ep = torch.ops.topk_distill.epilogue(*want[:3], *epilogue_args(ids, lp, v, labels=labels,
+                                                                   ent=True))
+    gl, gy, gh = upstream(n, want[0].dtype, seed=61, label=True, entropy=True)
+    args = (ids, labels, want[0], ep[5], ep[6], gl, gy, gh, 0, inv_t)
+    grad_want = cpu_op("backward", z, *args)
+    grad_got = dev.run("backward", z, *args).cpu()
+    cols = ids[:, :15]
+    torch.testing.assert_close(grad_got.gather(1, cols).double(), grad_want.gather(1, cols).double(),
+                               rtol=rtol if dtype != torch.bfloat16 else 8e-3, atol=1e-30)
+
+
+def test_backward_runs_on_the_backend_the_forward_ran_on():
+    """The backend is part of the autograd graph: a forward under use_backend("emulated_cuda")
+    backpropagates through the emulated kernel after the block has ended, and a native forward
+    through the CPU kernel inside such a block (the loss and the fused LM head)."""
+    z, ids, lp, vocab = shard_inputs(8, 500, 6, seed=71)
+    za = z.clone().requires_grad_(True)
+    with ops.use_backend("emulated_cuda"):
+        out = td.topk_distill_loss(za, ids, lp, loss="jsd")
+    with emulated_cuda_ran() as ran:
+        out.loss.backward()
+    assert ran()["launches"] == 1
+    zb = z.clone().requires_grad_(True)
+    out = td.topk_distill_loss(zb, ids, lp, loss="jsd")
+    with ops.use_backend("emulated_cuda"), emulated_cuda_ran() as ran:
+        out.loss.backward()
+    assert ran()["launches"] == 0
+    assert_close_rowwise(za.grad, zb.grad, torch.float32, "grad")
+
+    g = torch.Generator().manual_seed(72)
+    hidden = torch.randn(8, 16, generator=g).requires_grad_(True)
+    weight = (0.3 * torch.randn(500, 16, generator=g)).requires_grad_(True)
+    labels = ids[:, 0].clone()
+    with ops.use_backend("emulated_cuda"):
+        out = td.fused_linear_topk_distill_loss(hidden, weight, ids, lp, labels=labels,
+                                                chunk_size=4)
+    with emulated_cuda_ran() as ran:  # label_logprobs' gradient: one backward kernel per chunk
+        (out.loss + out.label_logprobs.sum()).backward()
+    assert ran()["launches"] == 2
+
+
+@pytest.mark.parametrize("pytest_mark", [pytest.param(0, marks=gpu_only("CUDA graphs"))])
+def test_cuda_graph_capture_of_the_fused_lm_head(pytest_mark):
+    """The fused LM head with check_inputs=False and a fixed chunk_size makes no host sync (no
+    mem_get_info, no validation): it captures into a CUDA graph, and replays match eager."""
+    g = torch.Generator().manual_seed(43)
+    n, h, v, k = 64, 128, 4001, 16
+    hidden = (torch.randn(n, h, generator=g) * 0.5).to(torch.bfloat16).cuda().requires_grad_(True)
+    weight = (torch.randn(v, h, generator=g) * 0.1).to(torch.bfloat16).cuda().requires_grad_(True)
+    _, ids, lp, _ = shard_inputs(n, v, k, seed=43)
+    ids, lp = ids.cuda(), lp.cuda()
+
+    def step():
+        hidden.grad = weight.grad = None
+        out = td.fused_linear_topk_distill_loss(hidden, weight, ids, lp, loss="jsd",
+                                                support="topk", chunk_size=16,
+                                                check_inputs=False)
+        out.loss.backward()
+        return out.loss
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm-up outside the graph
+            eager_loss = step().detach().clone()
+    torch.cuda.current_stream().wait_stream(s)
+    eager_gh, eager_gw = hidden.grad.clone(), weight.grad.clone()
+
+    graph = torch.cuda.CUDAGraph()
+    hidden.grad = weight.grad = None
+    with torch.cuda.graph(graph):
+        loss = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(loss, eager_loss, rtol=0, atol=0)
+    torch.testing.assert_close(hidden.grad, eager_gh, rtol=0, atol=0)
+    torch.testing.assert_close(weight.grad, eager_gw, rtol=0, atol=0)
+    with torch.no_grad():
+        hidden.mul_(0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    expect = td.fused_linear_topk_distill_loss(hidden.detach().float().cpu(),
+                                               weight.detach().float().cpu(), ids.cpu(),
+                                               lp.cpu(), loss="jsd", support="topk").loss
+    rtol, atol = tolerances(torch.bfloat16)
+    torch.testing.assert_close(loss.double().cpu(), expect.double(), rtol=rtol, atol=atol)
 
 
 def test_results_are_bitwise_reproducible(dev):

@@ -1,4 +1,4 @@
-"""benchmarks.sass (the static SASS roofline, issue 13): its parsers on synthetic input (always),
+"""tools.sass (the static SASS roofline, issue 13): its parsers on synthetic input (always),
 and on the current kernels compiled for sm_90 with the build's own flags (needs nvcc and a
 disassembler - nvdisasm / cuobjdump from the toolkit, triton or the nvidia-* wheels - and a CUDA
 build's ninja file; skipped with the reason otherwise). Each needed .cu file is compiled once
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import sass
+from tools import sass
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -281,7 +281,7 @@ def test_hot_loops_of_current_kernels(report, kernel, dtype):
 
 
 def test_report_renders(report):
-    md = sass.render_markdown(report, {"command": "python -m benchmarks.sass", "commit": "x",
+    md = sass.render_markdown(report, {"command": "python -m tools.sass", "commit": "x",
                                        "date": "today"})
     assert "## Issue 13 budgets" in md and "| shard_pass_kernel | bf16 |" in md
     assert "| backward_kernel | bf16 |" in md

@@ -10,8 +10,8 @@ stay flat contiguous ``[N, ...]``. This module is the host-side, metadata-only p
   exists (the caller then copies).
 * :func:`rows_overlap` - whether two distinct rows of such a view share memory (an in-place
   backward must then refuse, as PyTorch's in-place ops refuse internal overlap).
-* :func:`unpack_jagged` / :func:`repack_jagged` / :func:`jagged_values` / :func:`call_on_packed` -
-  jagged nested tensors (``layout=torch.jagged``): compute on the packed ``values()``, hand the
+* :func:`unpack_jagged` / :func:`repack_jagged` / :func:`jagged_values` / :func:`call_on_packed` /
+  :func:`accepts_jagged` - jagged nested tensors (``layout=torch.jagged``): compute on the packed ``values()``, hand the
   per-token outputs back as jagged nested tensors with the same offsets.
 
 Nothing here synchronises with a device except the offsets comparison of :func:`unpack_jagged`
@@ -20,13 +20,18 @@ docs/LAYOUTS.md is the user-facing summary.
 """
 from __future__ import annotations
 
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+import functools
+import inspect
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from . import _validate
+
 __all__ = ["fold_rows", "rows_overlap", "is_jagged", "any_nested", "jagged_values",
-           "JaggedBatch", "unpack_jagged", "repack_jagged", "call_on_packed"]
+           "JaggedBatch", "unpack_jagged", "repack_jagged", "call_on_packed",
+           "accepts_jagged"]
 
 
 # ============================================================================ fold_rows
@@ -274,6 +279,7 @@ class JaggedBatch(NamedTuple):
     labels: Optional[Tensor]
     like: Optional[Tensor]
     offsets: Optional[Tensor]
+    extra: Optional[Dict[str, Optional[Tensor]]] = None  # the ``extra`` per-row arguments
 
     def repack(self, per_token: Tensor) -> Tensor:
         """``repack_jagged(per_token, self.like)``; ``per_token`` unchanged when logits is plain."""
@@ -281,7 +287,8 @@ class JaggedBatch(NamedTuple):
 
 
 def unpack_jagged(logits, teacher_ids, teacher_logprobs, mask=None, labels=None, *,
-                  check_inputs: bool = True) -> JaggedBatch:
+                  check_inputs: bool = True,
+                  extra: Optional[Dict[str, Optional[Tensor]]] = None) -> JaggedBatch:
     """Replace jagged nested tensor arguments by their packed values.
 
     Contract:
@@ -307,16 +314,21 @@ def unpack_jagged(logits, teacher_ids, teacher_logprobs, mask=None, labels=None,
         (``lengths()``) is a ``TypeError`` saying how to convert it; a jagged logits with fewer
         than 3 dims is a ``ValueError``.
       * Nothing nested: the arguments come back unchanged with ``like = offsets = None``.
+      * ``extra``: more per-row ``[B, j]`` arguments by name (the sampled support's
+        ``label_teacher_logprobs`` / ``label_sample_logprobs``), treated like ``labels`` and
+        returned in ``JaggedBatch.extra``.
     """
+    extra = dict(extra or {})
     named = [("logits", logits), ("teacher_ids", teacher_ids),
-             ("teacher_logprobs", teacher_logprobs), ("mask", mask), ("labels", labels)]
+             ("teacher_logprobs", teacher_logprobs), ("mask", mask), ("labels", labels),
+             *extra.items()]
     jagged = []
     for name, t in named:
         if isinstance(t, Tensor) and t.is_nested:
             _check_jagged_kind(name, t)
             jagged.append((name, t))
     if not jagged:
-        return JaggedBatch(logits, teacher_ids, teacher_logprobs, mask, labels, None, None)
+        return JaggedBatch(logits, teacher_ids, teacher_logprobs, mask, labels, None, None, extra)
 
     ref_name, ref = jagged[0]  # logits when it is jagged
     if ref_name == "logits" and logits.dim() < 3:
@@ -363,7 +375,7 @@ def unpack_jagged(logits, teacher_ids, teacher_logprobs, mask=None, labels=None,
 
     return JaggedBatch(unpack(logits), unpack(teacher_ids), unpack(teacher_logprobs),
                        unpack(mask), unpack(labels), logits if ref_name == "logits" else None,
-                       offsets)
+                       offsets, {name: unpack(t) for name, t in extra.items()})
 
 
 def repack_jagged(per_token: Tensor, like: Tensor) -> Tensor:
@@ -386,29 +398,64 @@ def repack_jagged(per_token: Tensor, like: Tensor) -> Tensor:
         max_seqlen=getattr(like, "_maybe_max_seqlen", None))
 
 
+#: Per-row keyword arguments that may be jagged like ``mask`` (``[B, j]``).
+PER_ROW_KWARGS = ("labels", "label_teacher_logprobs", "label_sample_logprobs")
+
+
 def call_on_packed(fn: Callable, logits, teacher_ids, teacher_logprobs, mask=None, **kwargs):
     """``fn(packed logits, packed teacher_ids, packed teacher_logprobs, mask=..., **kwargs)``
     with every jagged argument unpacked (:func:`unpack_jagged`), then every per-token field of
     the result (a NamedTuple such as ``TopKDistillOutput``: each tensor field with ``dim() >= 1``,
     shape ``[total, ...]``) repacked as a jagged nested tensor with the logits' offsets. A reduced
     (0-d) loss stays a plain tensor. When the logits are plain (a jagged teacher with packed
-    logits) nothing is repacked. ``labels`` is unpacked too when passed in ``kwargs``.
+    logits) nothing is repacked. ``labels`` (and the other per-row arguments of
+    :data:`PER_ROW_KWARGS`) are unpacked too when passed in ``kwargs``.
 
-    This is how ``reference.topk_distill_loss`` takes jagged input: its first statement passes
-    its own arguments here (``locals()``), so arguments added later are forwarded too.
+    This is how the ``topk_distill_loss`` functions take jagged input (:func:`accepts_jagged`).
     """
     for name, value in kwargs.items():  # (else fn, seeing a nested tensor, would recurse)
-        if name != "labels" and isinstance(value, Tensor) and value.is_nested:
+        if name not in PER_ROW_KWARGS and isinstance(value, Tensor) and value.is_nested:
             raise TypeError(f"{name} cannot be a nested tensor (only logits, teacher_ids, "
-                            f"teacher_logprobs, mask and labels can be jagged)")
+                            f"teacher_logprobs, mask, {', '.join(PER_ROW_KWARGS)} can be "
+                            f"jagged)")
+    # Checked here, on the nested tensor itself: its packed values are a view of no leaf.
+    _validate.check_inplace_backward(logits, kwargs.get("inplace_backward"))
     has_labels = "labels" in kwargs
+    extra = {name: kwargs[name] for name in PER_ROW_KWARGS[1:] if name in kwargs}
     batch = unpack_jagged(logits, teacher_ids, teacher_logprobs, mask, kwargs.get("labels"),
-                          check_inputs=kwargs.get("check_inputs", True))
+                          check_inputs=kwargs.get("check_inputs", True), extra=extra)
     if has_labels:
         kwargs["labels"] = batch.labels
+    kwargs.update(batch.extra)
     out = fn(batch.logits, batch.teacher_ids, batch.teacher_logprobs, mask=batch.mask, **kwargs)
     if batch.like is None:
         return out
     return out._replace(**{
         name: batch.repack(value) for name, value in zip(out._fields, out)
         if isinstance(value, Tensor) and value.dim() >= 1})
+
+
+def accepts_jagged(fn: Callable) -> Callable:
+    """Decorator: ``fn`` called with any nested tensor argument runs as
+    ``call_on_packed(fn, **every argument)`` (SPEC 9.1), else as itself.
+
+    The arguments are bound by name from ``fn``'s signature, read once here, with dict operations
+    that torch.compile traces on every supported torch (``locals()`` inside ``fn`` did the same,
+    but torch 2.11's dynamo cannot trace the builtin ``locals()``). Parameters added to
+    ``fn`` later are forwarded, and checked for nesting, without a change here.
+    """
+    params = inspect.signature(fn).parameters
+    names = tuple(params)
+    defaults = {name: p.default for name, p in params.items()
+                if p.default is not inspect.Parameter.empty}
+
+    @functools.wraps(fn)
+    def with_jagged(*args, **kwargs):
+        if any_nested(*args, *kwargs.values()):
+            call = dict(defaults)
+            call.update(zip(names, args))
+            call.update(kwargs)
+            return call_on_packed(fn, **call)
+        return fn(*args, **kwargs)
+
+    return with_jagged

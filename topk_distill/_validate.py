@@ -334,6 +334,26 @@ def validate_vocab_start(tp_group, vocab_start) -> None:
                              f"hold the whole vocab and vocab_start must be None or 0)")
 
 
+def check_inplace_backward(logits, inplace_backward) -> None:
+    """``inplace_backward=True`` overwrites the logits with their gradient, which destroys them:
+    refused (``ValueError``) for what autograd itself refuses to modify in place - a leaf that
+    requires grad (an ``nn.Parameter``) or a view of one (``p[:, :-1]``). Only when a backward
+    can happen (grad mode on); anything else but ``True`` is left to :func:`validate_options`.
+    Metadata only (``is_leaf`` / ``_base``: constants under torch.compile too)."""
+    if inplace_backward is not True or not torch.is_grad_enabled():
+        return
+    if not (isinstance(logits, torch.Tensor) and logits.requires_grad):
+        return
+    base = logits._base
+    if logits.is_leaf or (base is not None and base.is_leaf and base.requires_grad):
+        what = "a leaf tensor" if logits.is_leaf else "a view of a leaf tensor"
+        raise ValueError(
+            f"inplace_backward=True would overwrite logits with their gradient, but logits is "
+            f"{what} that requires grad (e.g. an nn.Parameter): its values would be lost. The "
+            f"in-place backward is for logits that are an intermediate result (e.g. the LM head's "
+            f"output) not read again; pass inplace_backward=False here")
+
+
 def validate_logits(logits) -> Tuple[Tuple[int, ...], int, int]:
     """``logits`` alone (e.g. for ``student_topk``): ``(leading shape, N, V_r)``."""
     _tensor("logits", logits)
@@ -400,6 +420,7 @@ def validate_args(logits, teacher_ids, teacher_logprobs, *, loss="fkl", support=
                               label_teacher_logprobs=label_teacher_logprobs,
                               label_sample_logprobs=label_sample_logprobs)
     validate_sampled_inputs(opts.terms, labels, label_teacher_logprobs, label_sample_logprobs)
+    check_inplace_backward(logits, opts.inplace_backward)
     return Args(*opts, *shapes)
 
 

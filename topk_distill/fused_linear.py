@@ -5,11 +5,12 @@ As in Liger-Kernel's fused linear cross entropy, the rows are processed in chunk
 FORWARD; for each chunk of ``C`` rows:
 
 1. ``logits = hidden_chunk @ weight.T (+ bias)``  - one GEMM into a reused ``[C, V_r]`` buffer,
-   in the hidden's dtype;
+   in the hidden's dtype; then, in place, the optional ``logit_scale`` and Gemma-style softcap
+   ``cap * tanh(z / cap)`` (whose derivative goes to a second ``[C, V_r]`` buffer);
 2. ``shard_pass`` (kernel), the TP collectives (``parallel.combine_shard_stats``, only with a
    ``tp_group``), ``epilogue`` (kernel): per-row loss, masses, ``g = dL/ds``;
 3. ``backward_`` (kernel) overwrites the buffer with ``dL/dlogits`` for the reduction's per-row
-   weight (1 for ``sum``, ``1 / count`` for ``mean``);
+   weight (1 for ``sum``, ``1 / count`` for ``mean``), times the scale / softcap derivative;
 4. ``grad_hidden[chunk] = grad_logits @ weight``, ``grad_weight += grad_logits.T @ hidden_chunk``,
    ``grad_bias += grad_logits.sum(0)`` - each GEMM skipped when its input needs no gradient.
 
@@ -19,8 +20,9 @@ independent of N. See docs/FUSED_LINEAR.md for the chunk-size rule and the measu
 """
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -67,7 +69,8 @@ _RENAMES = (("the logits hold the whole vocab", "weight holds the whole vocab"),
 
 
 def _validate_tensors(hidden, weight, bias, teacher_ids, teacher_logprobs, mask, tp_group,
-                      vocab_start, labels=None) -> Tuple[Tuple[int, ...], int, int, int]:
+                      vocab_start, labels=None, label_teacher_logprobs=None,
+                      label_sample_logprobs=None) -> Tuple[Tuple[int, ...], int, int, int]:
     """(lead_shape, N, V_r, K); errors name hidden / weight / bias / teacher_* / mask."""
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
@@ -109,7 +112,9 @@ def _validate_tensors(hidden, weight, bias, teacher_ids, teacher_logprobs, mask,
     try:
         shapes = _validate.validate_tensors(proxy, teacher_ids, teacher_logprobs, mask,
                                             tp_group=tp_group, vocab_start=vocab_start,
-                                            labels=labels)
+                                            labels=labels,
+                                            label_teacher_logprobs=label_teacher_logprobs,
+                                            label_sample_logprobs=label_sample_logprobs)
     except (TypeError, ValueError) as e:
         msg = str(e)
         for a, b in _RENAMES:
@@ -126,6 +131,24 @@ def _validate_chunk_size(chunk_size):
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (rows per chunk); got {chunk_size}")
     return int(chunk_size)
+
+
+def _validate_head(logit_scale, final_logit_softcapping) -> "_Head":
+    """The LM head's output transform (logit_scale, final_logit_softcapping), checked."""
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, numbers.Real):
+        raise TypeError(f"logit_scale must be a float; got {type(logit_scale).__name__}")
+    if not math.isfinite(logit_scale):
+        raise ValueError(f"logit_scale must be finite; got {logit_scale}")
+    cap = final_logit_softcapping
+    if cap is not None:
+        if isinstance(cap, bool) or not isinstance(cap, numbers.Real):
+            raise TypeError(f"final_logit_softcapping must be None or a float; got "
+                            f"{type(cap).__name__}")
+        if not (math.isfinite(cap) and cap > 0):
+            raise ValueError(f"final_logit_softcapping must be None or a finite float > 0; got "
+                             f"{cap}")
+        cap = float(cap)
+    return _Head(float(logit_scale), cap)
 
 
 def _agree_on_chunk_size(group_name: str, requested: Optional[int], local_auto: int,
@@ -156,8 +179,8 @@ class _FusedLinearTopKDistill(torch.autograd.Function):
     recomputing each chunk's logits - only when one of them receives a gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_ids, teacher_logprobs, mask, labels, count,
-                cfg):
+    def forward(ctx, hidden, weight, bias, teacher_ids, teacher_logprobs, mask, labels,
+                label_teacher_logprobs, label_sample_logprobs, count, cfg):
         n, h = hidden.shape
         v_r = weight.shape[0]
         acc = ops.acc_dtype(hidden.dtype)
@@ -199,23 +222,26 @@ class _FusedLinearTopKDistill(torch.autograd.Function):
                 grad_rows = grad_rows / count.to(acc)
 
         buf = hidden.new_empty((min(chunk, n), v_r))  # reused: no allocator traffic per chunk
+        head = cfg["head"]
+        # With a softcap, d(logits)/d(raw) = scale * (1 - tanh^2) is kept per chunk in a second
+        # buffer (the first one is overwritten by the gradient before it is needed).
+        dbuf = buf.new_empty(buf.shape) if head.cap is not None and need_any else None
         weight_t = weight.t()
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             rows = e - s
             h_c = hidden[s:e]
             z = buf[:rows]
-            if bias is None:
-                torch.mm(h_c, weight_t, out=z)
-            else:
-                torch.addmm(bias, h_c, weight_t, out=z)
+            dz = None if dbuf is None else dbuf[:rows]
+            _head_logits(h_c, weight_t, bias, head, z, dz)
             ids_c = teacher_ids[s:e]
             lab_c = None if labels is None else labels[s:e]
             mask_c = None if mask is None else mask[s:e]
             row_max, sums, gathered, top_v, top_i = losses._shard_stats(z, ids_c, lab_c, lcfg)
-            l_c, sm_c, tm_c, lab_lp_c, ent_c, row_coefs, grad_logprobs = ops.epilogue(
-                row_max, sums, gathered, ids_c, teacher_logprobs[s:e], mask_c, lcfg.vocab_size,
-                lcfg.terms, lcfg.log_prob_min_clamp, lcfg.loss_scale, lab_c, lcfg.with_entropy)
+            l_c, sm_c, tm_c, lab_lp_c, ent_c, row_coefs, grad_logprobs = losses._epilogue(
+                row_max, sums, gathered, ids_c, teacher_logprobs[s:e], mask_c, lab_c,
+                None if label_teacher_logprobs is None else label_teacher_logprobs[s:e],
+                None if label_sample_logprobs is None else label_sample_logprobs[s:e], lcfg)
             loss_rows[s:e] = l_c
             student_mass[s:e] = sm_c
             teacher_mass[s:e] = tm_c
@@ -233,11 +259,15 @@ class _FusedLinearTopKDistill(torch.autograd.Function):
             if not need_any:
                 continue
             # dL/dlogits of the chunk, written over its logits (they are not needed any more).
+            # The sampled support's entry goes through the label's column (SPEC 10.2).
+            sampled_gy = losses._with_sampled_gradient(None, grad_rows[:rows], row_coefs, lcfg)
             ops.backward_(z, ids_c, row_max, row_coefs, grad_logprobs, grad_rows[:rows],
-                          lcfg.vocab_start, lcfg.inv_temperature)
+                          lcfg.vocab_start, lcfg.inv_temperature,
+                          lab_c if sampled_gy is not None else None, sampled_gy)
+            _head_grad_(z, head, dz)
             _accumulate_linear_grads(z, h_c, weight, s, e, grad_hidden, grad_weight,
                                      grad_weight_acc, partial_w, grad_bias_acc)
-        del buf, partial_w
+        del buf, dbuf, partial_w
 
         if grad_weight_acc is not None:
             grad_weight = grad_weight_acc.to(weight.dtype)
@@ -251,6 +281,7 @@ class _FusedLinearTopKDistill(torch.autograd.Function):
         # For the backward of label_logprobs / entropy (recomputed per chunk, see the class doc).
         ctx.save_for_backward(hidden, weight, bias, teacher_ids, labels, row_max_all, coefs_all)
         ctx.cfg = cfg
+        ctx.backend = ops.backend()  # the backward runs where the forward ran (ops._ops)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(student_mass, teacher_mass)
         if topk > 0:
@@ -282,8 +313,40 @@ class _FusedLinearTopKDistill(torch.autograd.Function):
             grad_entropy = None
         if grad_label is not None or grad_entropy is not None:
             _per_row_outputs_backward(ctx.cfg, hidden, weight, bias, teacher_ids, labels, row_max,
-                                      row_coefs, grad_label, grad_entropy, out)
-        return (*out, None, None, None, None, None, None)
+                                      row_coefs, grad_label, grad_entropy, out, ctx.backend)
+        return (*out, None, None, None, None, None, None, None, None)
+
+
+class _Head(NamedTuple):
+    """The LM head's output transform: logits = cap * tanh(scale * raw / cap) (cap = None: no
+    softcap), with raw = hidden @ weight.T + bias. scale = 1.0 and cap = None: the identity."""
+    scale: float
+    cap: Optional[float]
+
+
+def _head_logits(h_c, weight_t, bias, head: _Head, z, dz):
+    """z = the chunk's logits; with a softcap also dz = d(logits)/d(raw) = scale * (1 - tanh^2),
+    when dz is given (it is needed only for a gradient)."""
+    if bias is None:
+        torch.mm(h_c, weight_t, out=z)
+    else:
+        torch.addmm(bias, h_c, weight_t, out=z)
+    if head.cap is not None:
+        z.mul_(head.scale / head.cap).tanh_()  # z = tanh(u / cap), u = scale * raw
+        if dz is not None:
+            torch.mul(z, z, out=dz)
+            dz.sub_(1.0).mul_(-head.scale)
+        z.mul_(head.cap)
+    elif head.scale != 1.0:
+        z.mul_(head.scale)
+
+
+def _head_grad_(z, head: _Head, dz):
+    """In place: dL/dlogits -> dL/draw (the chain rule through the scale and the softcap)."""
+    if head.cap is not None:
+        z.mul_(dz)
+    elif head.scale != 1.0:
+        z.mul_(head.scale)
 
 
 def _accumulate_linear_grads(z, h_c, weight, s, e, grad_hidden, grad_weight, grad_weight_acc,
@@ -305,7 +368,7 @@ def _accumulate_linear_grads(z, h_c, weight, s, e, grad_hidden, grad_weight, gra
 
 
 def _per_row_outputs_backward(cfg, hidden, weight, bias, teacher_ids, labels, row_max, row_coefs,
-                              grad_label, grad_entropy, grads):
+                              grad_label, grad_entropy, grads, backend=None):
     """Adds the gradients of label_logprobs and entropy (upstream grad_label / grad_entropy [N])
     to grads = [grad_hidden, grad_weight, grad_bias], chunk by chunk: the chunk's logits are
     recomputed (one GEMM) and the backward kernel turns the two upstream gradients into
@@ -326,20 +389,22 @@ def _per_row_outputs_backward(cfg, hidden, weight, bias, teacher_ids, labels, ro
     if need_b:
         bias_acc = torch.zeros(weight.shape[0], dtype=ops.acc_dtype(bias.dtype), device=bias.device)
     weight_t = weight.t()
+    head = cfg["head"]
     buf = hidden.new_empty((min(chunk, n), weight.shape[0]))
+    dbuf = None if head.cap is None else buf.new_empty(buf.shape)
     k = teacher_ids.shape[1]
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         z = buf[:e - s]
-        if bias is None:
-            torch.mm(hidden[s:e], weight_t, out=z)
-        else:
-            torch.addmm(bias, hidden[s:e], weight_t, out=z)
+        dz = None if dbuf is None else dbuf[:e - s]
+        _head_logits(hidden[s:e], weight_t, bias, head, z, dz)
         no_g = torch.zeros((e - s, k), dtype=torch.float64, device=hidden.device)
         ops.backward_(z, teacher_ids[s:e], row_max[s:e], row_coefs[s:e], no_g,
                       torch.zeros(e - s, dtype=acc, device=hidden.device), lcfg.vocab_start,
                       lcfg.inv_temperature, None if labels is None else labels[s:e],
-                      None if gy is None else gy[s:e], None if gh is None else gh[s:e])
+                      None if gy is None else gy[s:e], None if gh is None else gh[s:e],
+                      backend=backend)
+        _head_grad_(z, head, dz)
         if need_h:
             grad_hidden[s:e].addmm_(z, weight)
         if need_w:
@@ -378,6 +443,11 @@ def fused_linear_topk_distill_loss(
     return_entropy: bool = False,
     student_topk: Optional[int] = None,
     missing_teacher: str = "error",
+    logit_scale: float = 1.0,
+    final_logit_softcapping: Optional[float] = None,
+    label_teacher_logprobs: Optional[Tensor] = None,
+    label_sample_logprobs: Optional[Tensor] = None,
+    sample_weight_clip: Optional[float] = None,
 ) -> TopKDistillOutput:
     """``topk_distill_loss(hidden @ weight.T + bias, ...)`` without the ``[N, V_r]`` logits.
 
@@ -387,7 +457,8 @@ def fused_linear_topk_distill_loss(
             hidden's dtype. ``bias``: optional ``[V_r]``.
         teacher_ids, teacher_logprobs, mask, loss, support, beta, rkl_ratio, skew, temperature,
         t2_scale, log_prob_min_clamp, tp_group, vocab_start, check_inputs, labels,
-        return_entropy, student_topk, missing_teacher: as in
+        return_entropy, student_topk, missing_teacher, label_teacher_logprobs,
+        label_sample_logprobs, sample_weight_clip: as in
             :func:`topk_distill.topk_distill_loss`. ``label_logprobs`` and ``entropy`` are
             differentiable: their gradients are formed in the backward, by recomputing each
             chunk's logits (one more GEMM per chunk, only when they receive a gradient).
@@ -398,6 +469,12 @@ def fused_linear_topk_distill_loss(
         weight_grad_fp32: for bf16 / fp16 weights, accumulate ``grad_weight`` over the chunks in
             an fp32 buffer (+4 bytes per weight element, during the forward) instead of in the
             weight's dtype. fp32 / fp64 weights always accumulate in their own dtype.
+        logit_scale, final_logit_softcapping: the LM head's output transform, as in Cohere
+            (``logit_scale``) and Gemma (``final_logit_softcapping``) models and TRL's chunked
+            loss: the logits are ``cap * tanh(logit_scale * raw / cap)`` with ``raw = hidden @
+            weight.T + bias`` (``cap = None``: ``logit_scale * raw``), before ``temperature``.
+            The gradients are exact (chain rule per chunk); a softcap keeps its derivative in a
+            second chunk-sized buffer, so the automatic chunk has half the rows.
 
     The gradient w.r.t. ``hidden`` under TP is this rank's partial ``grad_logits_r @ weight_r``;
     the sum over the ranks is the full one. Reduce it as Megatron's ColumnParallelLinear does
@@ -410,7 +487,8 @@ def fused_linear_topk_distill_loss(
                                       skew=skew, temperature=temperature, t2_scale=t2_scale,
                                       log_prob_min_clamp=log_prob_min_clamp, reduction=reduction,
                                       check_inputs=check_inputs, return_entropy=return_entropy,
-                                      student_topk=student_topk, missing_teacher=missing_teacher)
+                                      student_topk=student_topk, missing_teacher=missing_teacher,
+                                      sample_weight_clip=sample_weight_clip)
     if opts.reduction == "none":
         raise ValueError("reduction='none' is not supported by fused_linear_topk_distill_loss "
                          "(its gradients are formed in the forward from each row's weight in "
@@ -419,9 +497,13 @@ def fused_linear_topk_distill_loss(
     if not isinstance(weight_grad_fp32, bool):
         raise TypeError(f"weight_grad_fp32 must be a bool; got {type(weight_grad_fp32).__name__}")
     chunk_size = _validate_chunk_size(chunk_size)
+    head = _validate_head(logit_scale, final_logit_softcapping)
     lead_shape, n, v_local, k = _validate_tensors(hidden, weight, bias, teacher_ids,
                                                   teacher_logprobs, mask, tp_group, vocab_start,
-                                                  labels)
+                                                  labels, label_teacher_logprobs,
+                                                  label_sample_logprobs)
+    _validate.validate_sampled_inputs(opts.terms, labels, label_teacher_logprobs,
+                                      label_sample_logprobs)
 
     hidden2d = hidden.reshape(n, hidden.shape[-1])
     if not hidden2d.is_contiguous():
@@ -430,19 +512,22 @@ def fused_linear_topk_distill_loss(
     lp2d = teacher_logprobs.detach().reshape(n, k).contiguous()
     mask1d = None if mask is None else mask.reshape(n).contiguous()
     labels1d = None if labels is None else labels.reshape(n).contiguous()
+    label_lps = losses._label_rows(n, label_teacher_logprobs, label_sample_logprobs)
 
     try:
         group_name, start, vocab_size = parallel.layout_and_checks(
             tp_group, n, k, v_local, vocab_start, ids2d, lp2d, mask1d,
             check_inputs=check_inputs, device=hidden.device, labels=labels1d,
-            missing_teacher=opts.missing_teacher)
+            missing_teacher=opts.missing_teacher, label_logprobs=label_lps)
     except ValueError as e:  # the layout check says "logits"; here the rows are hidden's
         raise ValueError(str(e).replace("logits:", "hidden:")) from None
     ids2d, lp2d, loss_cfg = losses._after_layout(opts, ids2d, lp2d, group_name, start,
                                                  vocab_size, inplace_backward=False)
 
     if chunk_size is None or group_name is not None:
-        local_auto = auto_chunk_size(max(n, 1), v_local, hidden.dtype, hidden.device)
+        # A softcap's derivative buffer doubles the bytes per row: the same budget, half the rows.
+        buffer_cols = v_local * (2 if head.cap is not None else 1)
+        local_auto = auto_chunk_size(max(n, 1), buffer_cols, hidden.dtype, hidden.device)
         if group_name is not None and (chunk_size is None or check_inputs):
             chunk_size = _agree_on_chunk_size(group_name, chunk_size, local_auto, hidden.device)
         elif chunk_size is None:
@@ -457,10 +542,11 @@ def fused_linear_topk_distill_loss(
         count = (torch.tensor(max(n, 1), device=hidden.device) if mask1d is None
                  else mask1d.sum().clamp_min(1))
     cfg = dict(needs=needs, chunk_size=chunk_size, loss_cfg=loss_cfg, reduction=opts.reduction,
-               weight_grad_fp32=weight_grad_fp32)
+               weight_grad_fp32=weight_grad_fp32, head=head)
     (out, student_mass, teacher_mass, label_lp, entropy, top_ids, top_lp, ov_count,
-     ov_adv) = _FusedLinearTopKDistill.apply(hidden2d, weight, bias, ids2d, lp2d, mask1d,
-                                             labels1d, count, cfg)
+     ov_adv) = _FusedLinearTopKDistill.apply(
+         hidden2d, weight, bias, ids2d, lp2d, mask1d, labels1d,
+         losses._label_teacher_logprobs(opts, label_lps[0]), label_lps[1], count, cfg)
     return losses._output(
         out, lead_shape, student_mass, teacher_mass,
         label_logprobs=label_lp if labels is not None else None,
@@ -482,7 +568,9 @@ class FusedLinearTopKDistillLoss(nn.Module):
                  reduction: str = "mean", tp_group=None, vocab_start: Optional[int] = None,
                  check_inputs: bool = True, weight_grad_fp32: bool = False,
                  return_entropy: bool = False, student_topk: Optional[int] = None,
-                 missing_teacher: str = "error"):
+                 missing_teacher: str = "error", logit_scale: float = 1.0,
+                 final_logit_softcapping: Optional[float] = None,
+                 sample_weight_clip: Optional[float] = None):
         super().__init__()
         self.kwargs = dict(chunk_size=chunk_size, loss=loss, support=support, beta=beta,
                            rkl_ratio=rkl_ratio, skew=skew, temperature=temperature,
@@ -490,13 +578,17 @@ class FusedLinearTopKDistillLoss(nn.Module):
                            reduction=reduction, tp_group=tp_group, vocab_start=vocab_start,
                            check_inputs=check_inputs, weight_grad_fp32=weight_grad_fp32,
                            return_entropy=return_entropy, student_topk=student_topk,
-                           missing_teacher=missing_teacher)
+                           missing_teacher=missing_teacher, logit_scale=logit_scale,
+                           final_logit_softcapping=final_logit_softcapping,
+                           sample_weight_clip=sample_weight_clip)
+        _validate_head(logit_scale, final_logit_softcapping)
         # Fail at construction, not at the first step.
         _validate.validate_options(loss=loss, support=support, beta=beta, rkl_ratio=rkl_ratio,
                                    skew=skew, temperature=temperature, t2_scale=t2_scale,
                                    log_prob_min_clamp=log_prob_min_clamp, reduction=reduction,
                                    check_inputs=check_inputs, return_entropy=return_entropy,
-                                   student_topk=student_topk, missing_teacher=missing_teacher)
+                                   student_topk=student_topk, missing_teacher=missing_teacher,
+                                   sample_weight_clip=sample_weight_clip)
         if reduction == "none":
             raise ValueError("reduction='none' is not supported by FusedLinearTopKDistillLoss; "
                              "use 'mean' or 'sum'")
@@ -507,10 +599,13 @@ class FusedLinearTopKDistillLoss(nn.Module):
 
     def forward(self, hidden: Tensor, weight: Tensor, teacher_ids: Tensor,
                 teacher_logprobs: Tensor, bias: Optional[Tensor] = None,
-                mask: Optional[Tensor] = None, labels: Optional[Tensor] = None
-                ) -> TopKDistillOutput:
-        return fused_linear_topk_distill_loss(hidden, weight, teacher_ids, teacher_logprobs,
-                                              bias=bias, mask=mask, labels=labels, **self.kwargs)
+                mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                label_teacher_logprobs: Optional[Tensor] = None,
+                label_sample_logprobs: Optional[Tensor] = None) -> TopKDistillOutput:
+        return fused_linear_topk_distill_loss(
+            hidden, weight, teacher_ids, teacher_logprobs, bias=bias, mask=mask, labels=labels,
+            label_teacher_logprobs=label_teacher_logprobs,
+            label_sample_logprobs=label_sample_logprobs, **self.kwargs)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items()

@@ -37,6 +37,9 @@ class _Config(NamedTuple):
     with_entropy: bool
     topk: int  # the student's own top-k (0: not asked for)
     inplace_backward: bool
+    sampled: bool = False  # a term of nonzero weight has support="sampled" (SPEC 10.2)
+    sample_weight_clip: Optional[float] = None
+    drop_missing_label: bool = False  # missing_teacher="drop": a NaN label teacher log-prob
 
 
 def _shard_stats(logits, teacher_ids, labels, cfg: _Config):
@@ -96,14 +99,16 @@ class _TopKDistillFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, teacher_ids, teacher_logprobs, mask, labels, cfg: _Config):
+    def forward(ctx, logits, teacher_ids, teacher_logprobs, mask, labels, label_teacher_logprobs,
+                label_sample_logprobs, cfg: _Config):
         row_max, sums, gathered, top_v, top_i = _shard_stats(logits, teacher_ids, labels, cfg)
         with _nvtx.nvtx_range("epilogue"):
-            loss_rows, student_mass, teacher_mass, label_lp, entropy, row_coefs, g = ops.epilogue(
-                row_max, sums, gathered, teacher_ids, teacher_logprobs, mask, cfg.vocab_size,
-                cfg.terms, cfg.log_prob_min_clamp, cfg.loss_scale, labels, cfg.with_entropy)
+            loss_rows, student_mass, teacher_mass, label_lp, entropy, row_coefs, g = _epilogue(
+                row_max, sums, gathered, teacher_ids, teacher_logprobs, mask, labels,
+                label_teacher_logprobs, label_sample_logprobs, cfg)
         ctx.save_for_backward(logits, teacher_ids, labels, row_max, row_coefs, g)
         ctx.cfg = cfg
+        ctx.backend = ops.backend()  # the backward runs where the forward ran (ops._ops)
         ctx.set_materialize_grads(False)  # an output nobody uses brings None, not zeros
         ctx.mark_non_differentiable(student_mass, teacher_mass)
         if cfg.topk == 0:
@@ -124,13 +129,14 @@ class _TopKDistillFunction(torch.autograd.Function):
                      else grad_loss.to(acc).contiguous())
         if grad_label is not None:
             grad_label = grad_label.to(acc).contiguous() if labels is not None else None
+        grad_label = _with_sampled_gradient(grad_label, grad_rows, row_coefs, cfg)
         if grad_entropy is not None:
             grad_entropy = grad_entropy.to(acc).contiguous() if cfg.with_entropy else None
         args = (teacher_ids, row_max, row_coefs, g, grad_rows, cfg.vocab_start,
                 cfg.inv_temperature, labels, grad_label, grad_entropy)
         with _nvtx.nvtx_range("backward"):
             if cfg.inplace_backward:
-                ops.backward_(logits, *args)
+                ops.backward_(logits, *args, backend=ctx.backend)
                 # A C++ op's Tensor(a!) write does not bump the version counter by itself: do it,
                 # so that any other node that saved these logits raises autograd's "modified by an
                 # inplace operation" error instead of silently reading a gradient.
@@ -138,8 +144,30 @@ class _TopKDistillFunction(torch.autograd.Function):
                     torch.autograd.graph.increment_version(logits)
                 grad_logits = logits
             else:
-                grad_logits = ops.backward(logits, *args)
-        return grad_logits, None, None, None, None, None
+                grad_logits = ops.backward(logits, *args, backend=ctx.backend)
+        return grad_logits, None, None, None, None, None, None, None
+
+
+def _epilogue(row_max, sums, gathered, teacher_ids, teacher_logprobs, mask, labels,
+              label_teacher_logprobs, label_sample_logprobs, cfg: _Config):
+    """The epilogue op with the call's configuration (shared with the fused LM head)."""
+    return ops.epilogue(
+        row_max, sums, gathered, teacher_ids, teacher_logprobs, mask, cfg.vocab_size, cfg.terms,
+        cfg.log_prob_min_clamp, cfg.loss_scale, labels, cfg.with_entropy,
+        label_teacher_logprobs if cfg.sampled else None,
+        label_sample_logprobs if cfg.sampled else None, cfg.sample_weight_clip,
+        cfg.drop_missing_label)
+
+
+def _with_sampled_gradient(grad_label, grad_rows, row_coefs, cfg: _Config):
+    """The sampled support's entry reaches the logits through the label's column (SPEC 10.2):
+    its dL/ds_y (row_coefs[:, 6]) times the loss's upstream gradient is added to the label's
+    upstream gradient; the backward kernel's ``gy ([v == y] - q_v)`` is then exactly its term.
+    A row with no loss gradient adds nothing (never 0 * inf)."""
+    if not cfg.sampled:
+        return grad_label
+    extra = torch.where(grad_rows != 0, grad_rows * row_coefs[:, 6].to(grad_rows.dtype), 0.0)
+    return extra if grad_label is None else grad_label + extra
 
 
 def _logits_rows(logits: Tensor, v_local: int) -> Tensor:
@@ -152,7 +180,8 @@ def _logits_rows(logits: Tensor, v_local: int) -> Tensor:
 def _after_layout(opts, ids2d, lp2d, group_name, start, vocab_size, *, inplace_backward):
     """Once the full vocab size is known (shared with the fused LM head): ``student_topk <= V``,
     the ``missing_teacher`` mode applied to the teacher tensors (SPEC 9.5), and the call's
-    _Config. Returns (ids2d, lp2d, cfg)."""
+    _Config. Returns (ids2d, lp2d, cfg). (The label's teacher log-prob of the sampled support:
+    :func:`_label_teacher_logprobs`.)"""
     if opts.student_topk is not None:
         _validate.check_k_fits("student_topk", opts.student_topk, vocab_size)
     if opts.missing_teacher == "drop":  # the entry is padding (an id >= V still poisons its row)
@@ -163,10 +192,22 @@ def _after_layout(opts, ids2d, lp2d, group_name, start, vocab_size, *, inplace_b
                    float(t.skew)) for t in opts.terms)
     cfg = _Config(group_name, start, vocab_size, 1.0 / opts.temperature, terms,
                   opts.log_prob_min_clamp, opts.temperature ** 2 if opts.t2_scale else 1.0,
-                  opts.return_entropy, opts.student_topk or 0, inplace_backward)
+                  opts.return_entropy, opts.student_topk or 0, inplace_backward,
+                  _validate.has_sampled(opts.terms), opts.sample_weight_clip,
+                  opts.missing_teacher == "drop")
     return ids2d, lp2d, cfg
 
 
+def _label_teacher_logprobs(opts, label_teacher_logprobs):
+    """``missing_teacher`` applied to the sampled token's teacher log-prob (SPEC 10.2 / 9.5):
+    "floor" makes a NaN -inf (the clamp lifts the bin to c); "drop" is the kernel's
+    drop_missing_label (the entry is skipped, label_logprobs stays); "error" keeps NaN."""
+    if label_teacher_logprobs is None or opts.missing_teacher != "floor":
+        return label_teacher_logprobs
+    return torch.where(torch.isnan(label_teacher_logprobs), float("-inf"), label_teacher_logprobs)
+
+
+@_layout.accepts_jagged  # SPEC 9.1: jagged nested tensors run on their packed values
 def topk_distill_loss(
     logits: Tensor,
     teacher_ids: Tensor,
@@ -190,6 +231,9 @@ def topk_distill_loss(
     return_entropy: bool = False,
     student_topk: Optional[int] = None,
     missing_teacher: str = "error",
+    label_teacher_logprobs: Optional[Tensor] = None,
+    label_sample_logprobs: Optional[Tensor] = None,
+    sample_weight_clip: Optional[float] = None,
 ) -> TopKDistillOutput:
     """Distillation loss between student logits and a top-k teacher (docs/SPEC.md).
 
@@ -202,7 +246,8 @@ def topk_distill_loss(
         loss: ``fkl | rkl | jsd | fkl+rkl | tvd | skl | srkl``, or a list of ``td.Term`` /
             ``(loss, support, weight)`` tuples: the per-row loss is ``sum_i weight_i * L_i``, one
             pass over the logits (SPEC 9.3).
-        support: ``topk | renorm | tail`` (default ``topk``) - which bins the divergence compares.
+        support: ``topk | renorm | tail | sampled | generalized`` (default ``topk``) - which bins
+            the divergence compares (SPEC 3; ``sampled`` 10.2, ``generalized`` 10.3).
         beta, rkl_ratio, skew: the JSD weight, the fkl+rkl mix, the skew-KL lambda (in [0, 1];
             defaults 0.5, 0.1, 0.1). Not beside a term list (each term has its own).
         temperature: divides the student logits; ``t2_scale`` multiplies the loss by T^2.
@@ -214,9 +259,10 @@ def topk_distill_loss(
             Teacher tensors, mask and labels are replicated. Forward: two collectives (all_reduce
             MAX of [N], all_reduce SUM of [N, 5 + K (+1)]), plus one all_gather of the top-k with
             ``student_topk``; backward: none (docs/TP.md).
-        inplace_backward: write the gradient into the logits' storage (they must not be needed
-            after the backward; misuse raises autograd's in-place error; overlapping rows are a
-            ValueError).
+        inplace_backward: write the gradient into the logits' storage (they must be an
+            intermediate not needed after the backward; misuse raises autograd's in-place error).
+            ValueError for logits that are a leaf requiring grad (an ``nn.Parameter``) or a view
+            of one, and for logits whose rows overlap in memory.
         check_inputs: also check the data (ids and labels < V, teacher log-probs <= 0 and, with
             ``missing_teacher="error"``, not NaN); costs one host sync on CUDA. ``False`` for CUDA
             graphs / no syncs. With ``tp_group`` it also makes one small all_gather so that ranks
@@ -227,21 +273,25 @@ def topk_distill_loss(
         student_topk: ``k`` -> the student's own top-k ids / log-probs and verl's overlap
             diagnostics ``overlap_count`` / ``overlap_token_advantage`` (SPEC 9.4).
         missing_teacher: ``error | drop | floor`` - what a NaN teacher log-prob means (SPEC 9.5).
+        label_teacher_logprobs: ``[...]`` the teacher's log-prob of each row's label, log p_y;
+            required by ``support="sampled"`` (with ``labels``, the sampled tokens): the rest of
+            the vocab is estimated without bias by that one importance-weighted token.
+        label_sample_logprobs: ``[...]`` log mu_y, the log-prob of y under the distribution it
+            was drawn from (e.g. the rollout policy); default the student's own s_y, detached.
+        sample_weight_clip: ``c > 0``: the importance weight becomes ``min(1/mu_y, c/q_y)``.
 
     Returns:
         ``TopKDistillOutput``; read the fields by name (the ones not asked for are ``None``).
     """
-    # SPEC 9.1, jagged nested tensors: this function on the packed values, per-token outputs
-    # repacked. MUST stay the first statement: locals() is then exactly this call's arguments.
-    if _layout.any_nested(*locals().values()):
-        return _layout.call_on_packed(topk_distill_loss, **locals())
     args = _validate.validate_args(
         logits, teacher_ids, teacher_logprobs, loss=loss, support=support, beta=beta,
         rkl_ratio=rkl_ratio, skew=skew, temperature=temperature, t2_scale=t2_scale,
         log_prob_min_clamp=log_prob_min_clamp, mask=mask, reduction=reduction,
         tp_group=tp_group, vocab_start=vocab_start, inplace_backward=inplace_backward,
         check_inputs=check_inputs, labels=labels, return_entropy=return_entropy,
-        student_topk=student_topk, missing_teacher=missing_teacher)
+        student_topk=student_topk, missing_teacher=missing_teacher,
+        label_teacher_logprobs=label_teacher_logprobs,
+        label_sample_logprobs=label_sample_logprobs, sample_weight_clip=sample_weight_clip)
     lead, n, v_local, k = args.lead_shape, args.n_rows, args.local_vocab, args.k
 
     rows = _logits_rows(logits, v_local)
@@ -253,14 +303,18 @@ def topk_distill_loss(
     lp2d = teacher_logprobs.detach().reshape(n, k).contiguous()
     mask1d = None if mask is None else mask.reshape(n).contiguous()
     labels1d = None if labels is None else labels.reshape(n).contiguous()
+    label_lps = _label_rows(n, label_teacher_logprobs, label_sample_logprobs)
 
     group_name, start, vocab_size = parallel.layout_and_checks(
         tp_group, n, k, v_local, vocab_start, ids2d, lp2d, mask1d, check_inputs=check_inputs,
-        device=logits.device, labels=labels1d, missing_teacher=args.missing_teacher)
+        device=logits.device, labels=labels1d, missing_teacher=args.missing_teacher,
+        label_logprobs=label_lps)
     ids2d, lp2d, cfg = _after_layout(args, ids2d, lp2d, group_name, start, vocab_size,
                                      inplace_backward=args.inplace_backward)
     (loss_rows, student_mass, teacher_mass, label_lp, entropy, top_ids, top_lp, count,
-     adv) = _TopKDistillFunction.apply(rows, ids2d, lp2d, mask1d, labels1d, cfg)
+     adv) = _TopKDistillFunction.apply(rows, ids2d, lp2d, mask1d, labels1d,
+                                       _label_teacher_logprobs(args, label_lps[0]),
+                                       label_lps[1], cfg)
 
     if args.reduction == "none":
         out_loss = loss_rows.view(lead)
@@ -274,6 +328,13 @@ def topk_distill_loss(
                    label_logprobs=label_lp if labels is not None else None,
                    entropy=entropy if args.return_entropy else None,
                    topk=(top_ids, top_lp, count, adv) if args.student_topk is not None else None)
+
+
+def _label_rows(n, label_teacher_logprobs, label_sample_logprobs):
+    """The sampled support's per-row label log-probs as detached [N] tensors (or None): teacher
+    and sampling log-probs are constants."""
+    return tuple(None if t is None else t.detach().reshape(n)
+                 for t in (label_teacher_logprobs, label_sample_logprobs))
 
 
 def _output(loss, lead, student_mass, teacher_mass, *, label_logprobs=None, entropy=None,
@@ -347,7 +408,7 @@ class TopKDistillLoss(nn.Module):
                  tp_group=None, vocab_start: Optional[int] = None,
                  inplace_backward: bool = False, check_inputs: bool = True,
                  return_entropy: bool = False, student_topk: Optional[int] = None,
-                 missing_teacher: str = "error"):
+                 missing_teacher: str = "error", sample_weight_clip: Optional[float] = None):
         super().__init__()
         self.kwargs = dict(loss=loss, support=support, beta=beta, rkl_ratio=rkl_ratio, skew=skew,
                            temperature=temperature, t2_scale=t2_scale,
@@ -355,16 +416,18 @@ class TopKDistillLoss(nn.Module):
                            tp_group=tp_group, vocab_start=vocab_start,
                            inplace_backward=inplace_backward, check_inputs=check_inputs,
                            return_entropy=return_entropy, student_topk=student_topk,
-                           missing_teacher=missing_teacher)
+                           missing_teacher=missing_teacher, sample_weight_clip=sample_weight_clip)
         # Fail at construction, not at the first step.
         _validate.validate_options(**{k: v for k, v in self.kwargs.items()
                                       if k not in ("tp_group", "vocab_start")})
 
     def forward(self, logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor,
-                mask: Optional[Tensor] = None, labels: Optional[Tensor] = None
-                ) -> TopKDistillOutput:
+                mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                label_teacher_logprobs: Optional[Tensor] = None,
+                label_sample_logprobs: Optional[Tensor] = None) -> TopKDistillOutput:
         return topk_distill_loss(logits, teacher_ids, teacher_logprobs, mask=mask, labels=labels,
-                                 **self.kwargs)
+                                 label_teacher_logprobs=label_teacher_logprobs,
+                                 label_sample_logprobs=label_sample_logprobs, **self.kwargs)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items()

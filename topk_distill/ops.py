@@ -63,9 +63,11 @@ def use_backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
-def _ops(t: Tensor):
-    """The op namespace that serves tensors on ``t``'s device under the current backend."""
-    if _backend == "emulated_cuda" and t.device.type == "cpu":
+def _ops(t: Tensor, backend: Optional[str] = None):
+    """The op namespace that serves tensors on ``t``'s device under ``backend`` (default: the
+    current one). The autograd functions pass the backend their forward ran on, so that the
+    backward runs on it too, whatever the backend is when ``backward()`` is called."""
+    if (backend or _backend) == "emulated_cuda" and t.device.type == "cpu":
         return torch.ops.topk_distill_emu
     return torch.ops.topk_distill
 
@@ -80,7 +82,8 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------
 
 SHARD_SUMS = 5   # sums columns: rest, teach, dup, teacher columns, entropy sum
-ROW_COEFS = 6    # row_coefs columns: log_sum, dense, outside, entropy, label / entropy factors
+ROW_COEFS = 7    # row_coefs columns: log_sum, dense, outside, entropy, label / entropy factors,
+                 # the sampled token's dL/ds_y
 
 
 def _rows(logits):
@@ -93,7 +96,9 @@ def _shard_pass_fake(logits, teacher_ids, labels, vocab_start, inv_temperature, 
     return (
         logits.new_empty((n,), dtype=acc),
         logits.new_empty((n, SHARD_SUMS), dtype=acc),
-        logits.new_empty((n, k + (labels is not None)), dtype=acc),
+        # (an int, not a bool: a symbolic k + True reaches sympy as k + BooleanAtom, a
+        # TypeError in torch 2.11's opcheck)
+        logits.new_empty((n, k + (1 if labels is not None else 0)), dtype=acc),
         logits.new_empty((n, topk), dtype=acc),
         logits.new_empty((n, topk), dtype=torch.int64),
     )
@@ -101,7 +106,9 @@ def _shard_pass_fake(logits, teacher_ids, labels, vocab_start, inv_temperature, 
 
 def _epilogue_fake(row_max, sums, gathered, teacher_ids, teacher_logprobs, mask, labels,
                    vocab_size, loss, support, weight, beta, rkl_ratio, skew, log_prob_min_clamp,
-                   loss_scale, with_entropy):
+                   loss_scale, with_entropy, label_teacher_logprobs=None,
+                   label_sample_logprobs=None, sample_weight_clip=None,
+                   drop_missing_label=False):
     n = row_max.shape[0]
     return (
         row_max.new_empty((n,)),
@@ -147,23 +154,31 @@ def shard_pass(logits: Tensor, teacher_ids: Tensor, vocab_start: int, inv_temper
 def epilogue(row_max: Tensor, sums: Tensor, gathered: Tensor, teacher_ids: Tensor,
              teacher_logprobs: Tensor, mask: Optional[Tensor], vocab_size: int,
              terms: Sequence, log_prob_min_clamp: Optional[float], loss_scale: float,
-             labels: Optional[Tensor] = None, with_entropy: bool = False):
+             labels: Optional[Tensor] = None, with_entropy: bool = False,
+             label_teacher_logprobs: Optional[Tensor] = None,
+             label_sample_logprobs: Optional[Tensor] = None,
+             sample_weight_clip: Optional[float] = None, drop_missing_label: bool = False):
     """(loss [N], student_mass [N], teacher_mass [N], label_logprobs [N], entropy [N],
-    row_coefs [N, 6] f64, grad_logprobs [N, K] f64). ``terms``: (loss, support, weight, beta,
-    rkl_ratio, skew) per term (``td.Term``s)."""
+    row_coefs [N, 7] f64, grad_logprobs [N, K] f64). ``terms``: (loss, support, weight, beta,
+    rkl_ratio, skew) per term (``td.Term``s). The sampled support's label log-probs (SPEC 10.2)
+    are passed to the kernel as contiguous float64 [N]."""
+    as_f64 = (lambda t: None if t is None  # noqa: E731
+              else t.to(torch.float64).contiguous())
     return _ops(row_max).epilogue(
         row_max, sums, gathered, teacher_ids, teacher_logprobs, mask, labels, vocab_size,
         [t[0] for t in terms], [t[1] for t in terms], [float(t[2]) for t in terms],
         [float(t[3]) for t in terms], [float(t[4]) for t in terms], [float(t[5]) for t in terms],
-        log_prob_min_clamp, loss_scale, with_entropy)
+        log_prob_min_clamp, loss_scale, with_entropy, as_f64(label_teacher_logprobs),
+        as_f64(label_sample_logprobs), sample_weight_clip, drop_missing_label)
 
 
 def backward(logits: Tensor, teacher_ids: Tensor, row_max: Tensor, row_coefs: Tensor,
              grad_logprobs: Tensor, grad_rows: Tensor, vocab_start: int, inv_temperature: float,
              labels: Optional[Tensor] = None, grad_label: Optional[Tensor] = None,
-             grad_entropy: Optional[Tensor] = None) -> Tensor:
-    """Gradient w.r.t. logits, a new contiguous tensor shaped like them, in their dtype."""
-    return _ops(logits).backward(logits, teacher_ids, labels, row_max, row_coefs, grad_logprobs,
+             grad_entropy: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+    """Gradient w.r.t. logits, a new contiguous tensor shaped like them, in their dtype.
+    ``backend``: the forward's (default: the current one)."""
+    return _ops(logits, backend).backward(logits, teacher_ids, labels, row_max, row_coefs, grad_logprobs,
                                  grad_rows, grad_label, grad_entropy, vocab_start,
                                  inv_temperature)
 
@@ -171,7 +186,9 @@ def backward(logits: Tensor, teacher_ids: Tensor, row_max: Tensor, row_coefs: Te
 def backward_(logits: Tensor, teacher_ids: Tensor, row_max: Tensor, row_coefs: Tensor,
               grad_logprobs: Tensor, grad_rows: Tensor, vocab_start: int,
               inv_temperature: float, labels: Optional[Tensor] = None,
-              grad_label: Optional[Tensor] = None, grad_entropy: Optional[Tensor] = None) -> None:
-    """Gradient w.r.t. logits written into the logits' own storage (through their strides)."""
-    _ops(logits).backward_(logits, teacher_ids, labels, row_max, row_coefs, grad_logprobs,
+              grad_label: Optional[Tensor] = None, grad_entropy: Optional[Tensor] = None,
+              backend: Optional[str] = None) -> None:
+    """Gradient w.r.t. logits written into the logits' own storage (through their strides).
+    ``backend``: the forward's (default: the current one)."""
+    _ops(logits, backend).backward_(logits, teacher_ids, labels, row_max, row_coefs, grad_logprobs,
                            grad_rows, grad_label, grad_entropy, vocab_start, inv_temperature)

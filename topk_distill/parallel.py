@@ -176,10 +176,13 @@ def _traced_layout(group_name: str, v_local: int, start: int) -> tuple:
     return tuple(layout)
 
 
-try:  # dynamo runs it once while tracing and bakes the result into the graph (guards: the args)
-    _traced_layout_const = torch._dynamo.assume_constant_result(_traced_layout)
-except AttributeError:  # pragma: no cover - very old torch
-    _traced_layout_const = _traced_layout
+# Dynamo runs it once while tracing and bakes the result into the graph (guards: the args).
+# This is what torch._dynamo.assume_constant_result(fn) does (torch 2.0 to 2.15: it sets this
+# attribute and returns fn), written out because importing torch._dynamo to call it costs
+# ~1.5 s at `import topk_distill` (issue 27); tests/test_first_use.py checks the two agree, and
+# the compile tests in tests/test_tp.py that the compiled graph holds no layout collective.
+_traced_layout._dynamo_marked_constant = True
+_traced_layout_const = _traced_layout
 
 
 def resolve_layout(group: Union[str, "dist.ProcessGroup"], n: int, k: int, v_local: int,
@@ -236,10 +239,13 @@ def vocab_layout(group_name: str, n: int, k: int, v_local: int, vocab_start: Opt
 def layout_and_checks(tp_group, n: int, k: int, v_local: int, vocab_start: Optional[int],
                       teacher_ids: Tensor, teacher_logprobs: Tensor, mask: Optional[Tensor], *,
                       check_inputs: bool, device=None, labels: Optional[Tensor] = None,
-                      missing_teacher: str = "error") -> Tuple[Optional[str], int, int]:
+                      missing_teacher: str = "error",
+                      label_logprobs: Tuple[Optional[Tensor], Optional[Tensor]] = (None, None)
+                      ) -> Tuple[Optional[str], int, int]:
     """``(group name or None, this rank's vocab_start, global V)`` of a loss call, with its
-    ``check_inputs`` data checks (``[N, K]`` ids / log-probs, ``[N]`` mask and labels; a NaN
-    log-prob is an error only with ``missing_teacher="error"``).
+    ``check_inputs`` data checks (``[N, K]`` ids / log-probs, ``[N]`` mask and labels, and the
+    sampled support's ``label_logprobs`` = (label_teacher_logprobs, label_sample_logprobs) [N];
+    a NaN log-prob is an error only with ``missing_teacher="error"``).
 
     Without a group: V = V_r and the data are checked locally (one host sync). With one: the
     data-check facts ride in the layout all_gather (:func:`resolve_layout`), so a bad entry in any
@@ -251,11 +257,16 @@ def layout_and_checks(tp_group, n: int, k: int, v_local: int, vocab_start: Optio
     if tp_group is None:
         if checked:
             _validate.check_data(teacher_ids, teacher_logprobs, v_local, mask, labels=labels,
-                                 missing_teacher=missing_teacher)
+                                 missing_teacher=missing_teacher,
+                                 label_teacher_logprobs=label_logprobs[0],
+                                 label_sample_logprobs=label_logprobs[1])
         return None, 0, v_local
     group_name = group_name_of(tp_group)
     data = (_validate.data_flags(teacher_ids, teacher_logprobs, mask, labels=labels,
-                                 missing_teacher=missing_teacher) if checked else None)
+                                 missing_teacher=missing_teacher,
+                                 label_teacher_logprobs=label_logprobs[0],
+                                 label_sample_logprobs=label_logprobs[1])
+            if checked else None)
     start, vocab_size = vocab_layout(group_name, n, k, v_local, vocab_start,
                                      check_inputs=check_inputs, device=device, data=data)
     return group_name, start, vocab_size

@@ -26,7 +26,7 @@ from ._validate import (UNSET, Options, check_data, check_k_fits, data_flags, va
                         validate_k, validate_logits, validate_temperature, validate_vocab_start)
 from .parallel import resolve_layout
 
-__all__ = ["topk_distill_loss", "student_topk"]
+__all__ = ["topk_distill_loss", "student_topk", "fused_linear_topk_distill_loss", "lm_head_logits"]
 
 _NEG_INF = float("-inf")
 
@@ -415,6 +415,7 @@ def _with_nan_gradient_rows(rows: torch.Tensor, z: torch.Tensor):
     return _NaNGradWhereNotFinite.apply(rows, z)
 
 
+@_layout.accepts_jagged  # SPEC 9.1: jagged nested tensors run on their packed values
 def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", support=UNSET,
                       beta=UNSET, rkl_ratio=UNSET, skew=UNSET, temperature=1.0, t2_scale=False,
                       log_prob_min_clamp=None, mask=None, reduction="mean", tp_group=None,
@@ -429,7 +430,9 @@ def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", supp
     logits' leading shape, as does the loss for reduction="none".
     With ``tp_group`` the logits are this rank's vocab shard: the shards are all-gathered (a
     custom autograd Function whose backward is the local slice) and every rank computes the
-    unsharded loss. ``inplace_backward`` is accepted and ignored (autograd allocates the gradient).
+    unsharded loss. ``inplace_backward`` is checked as in the kernel path (a leaf that requires
+    grad, or a view of one, is a ValueError) and otherwise ignored (autograd allocates the
+    gradient).
 
     ``loss``: a name, or a sequence of :class:`~topk_distill.Term` / ``(loss, support, weight)``
     tuples (per row ``sum_i weight_i * L_i``, SPEC 9.3); ``support`` / ``beta`` / ``rkl_ratio``
@@ -446,11 +449,6 @@ def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", supp
     optional ``label_sample_logprobs`` (log mu_y; default the student's own s_y, detached) and
     ``sample_weight_clip`` (w = min(1/mu_y, c/q_y)). SPEC 10.3, ``support="generalized"``.
     """
-    # SPEC 9.1, jagged nested tensors: this function on the packed values, per-token outputs
-    # repacked (topk_distill/_layout.py). MUST stay the first statement: locals() is then exactly
-    # this call's arguments, so keywords added later are forwarded (and checked for nesting) too.
-    if _layout.any_nested(*locals().values()):
-        return _layout.call_on_packed(topk_distill_loss, **locals())
     args = validate_args(
         logits, teacher_ids, teacher_logprobs, loss=loss, support=support, beta=beta,
         rkl_ratio=rkl_ratio, skew=skew, temperature=temperature, t2_scale=t2_scale,
@@ -570,3 +568,30 @@ def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", supp
                      overlap_count=count.reshape(lead),
                      overlap_token_advantage=adv.float().reshape(lead))
     return TopKDistillOutput(out, student_mass.reshape(lead), teacher_mass.reshape(lead), **extra)
+
+
+def lm_head_logits(hidden, weight, bias=None, *, logit_scale=1.0, final_logit_softcapping=None):
+    """The LM head's logits as the fused loss defines them: ``raw = hidden @ weight.T + bias``,
+    then ``logit_scale * raw`` and, with a softcap ``cap``, ``cap * tanh(logit_scale * raw / cap)``
+    (Cohere's scale, Gemma's final softcap; TRL's chunked loss applies them in this order).
+    Plain autograd, in the inputs' dtype."""
+    z = hidden @ weight.T
+    if bias is not None:
+        z = z + bias
+    if logit_scale != 1.0:
+        z = z * logit_scale
+    if final_logit_softcapping is not None:
+        z = final_logit_softcapping * torch.tanh(z / final_logit_softcapping)
+    return z
+
+
+def fused_linear_topk_distill_loss(hidden, weight, teacher_ids, teacher_logprobs, *, bias=None,
+                                   chunk_size=None, weight_grad_fp32=False, logit_scale=1.0,
+                                   final_logit_softcapping=None, **kwargs) -> TopKDistillOutput:
+    """The oracle of :func:`topk_distill.fused_linear_topk_distill_loss`: :func:`topk_distill_loss`
+    on the materialised :func:`lm_head_logits` (autograd through the head). ``chunk_size`` and
+    ``weight_grad_fp32`` only change how the fused path computes, and are ignored here."""
+    del chunk_size, weight_grad_fp32
+    z = lm_head_logits(hidden, weight, bias, logit_scale=logit_scale,
+                       final_logit_softcapping=final_logit_softcapping)
+    return topk_distill_loss(z, teacher_ids, teacher_logprobs, **kwargs)

@@ -21,7 +21,9 @@ template <typename acc_t, typename id_t, typename lp_t, typename label_t>
 void epilogue_kernel(const LossTerms& terms, const at::Tensor& row_max, const at::Tensor& sums,
                      const at::Tensor& gathered, const at::Tensor& ids, const at::Tensor& lp,
                      const bool* mask, const label_t* labels, int64_t vocab_size,
-                     bool with_entropy, at::Tensor& loss, at::Tensor& student_mass,
+                     bool with_entropy, const double* label_teacher_lp,
+                     const double* label_sample_lp, std::optional<double> clip, bool drop_nan,
+                     at::Tensor& loss, at::Tensor& student_mass,
                      at::Tensor& teacher_mass, at::Tensor& label_logprobs, at::Tensor& entropy,
                      at::Tensor& row_coefs, at::Tensor& grad) {
   const int64_t N = ids.size(0), K = ids.size(1), G = gathered.size(1);
@@ -49,9 +51,14 @@ void epilogue_kernel(const LossTerms& terms, const at::Tensor& row_max, const at
                         static_cast<double>(sn[1]), static_cast<double>(sn[2]),
                         static_cast<double>(sn[3]), static_cast<double>(sn[4])};
       const bool counted = mask == nullptr || mask[n];
+      const int64_t label = labels != nullptr ? static_cast<int64_t>(labels[n]) : -1;
+      const SampledLabel sampled =
+          sampled_label_of(terms.any_sampled, counted, label, labels != nullptr ? x[n * G + K]
+                                                                               : acc_t(0),
+                           label_teacher_lp, label_sample_lp, clip, drop_nan, n);
       const RowResult r = epilogue_row(SerialLanes{}, terms, K, st, counted, vocab_size,
                                        x + n * G, id + n * K, l + n * K, g + n * K,
-                                       terms.any_renorm ? scratch.data() : nullptr);
+                                       terms.any_renorm ? scratch.data() : nullptr, sampled);
       const RowExtras e = row_extras(st, r.log_sum, counted, labels != nullptr,
                                      labels != nullptr ? static_cast<int64_t>(labels[n]) : -1,
                                      vocab_size, labels != nullptr ? x[n * G + K] : acc_t(0),
@@ -74,10 +81,20 @@ epilogue_cpu(const at::Tensor& row_max, const at::Tensor& sums, const at::Tensor
              const std::vector<std::string>& support, c10::ArrayRef<double> weight,
              c10::ArrayRef<double> beta, c10::ArrayRef<double> rkl_ratio,
              c10::ArrayRef<double> skew, std::optional<double> log_prob_min_clamp,
-             double loss_scale, bool with_entropy) {
+             double loss_scale, bool with_entropy,
+             const std::optional<at::Tensor>& label_teacher_logprobs,
+             const std::optional<at::Tensor>& label_sample_logprobs,
+             std::optional<double> sample_weight_clip, bool drop_missing_label) {
   check_epilogue_args(row_max, sums, gathered, teacher_ids, teacher_logprobs, mask, labels);
   const LossTerms terms = loss_terms_from_args(loss, support, weight, beta, rkl_ratio, skew,
                                                log_prob_min_clamp, loss_scale);
+  check_sampled_args(terms, row_max, labels, label_teacher_logprobs, label_sample_logprobs,
+                     sample_weight_clip);
+  const double* lt_ptr = terms.any_sampled ? label_teacher_logprobs->const_data_ptr<double>()
+                                           : nullptr;
+  const double* ls_ptr = terms.any_sampled && label_sample_logprobs.has_value()
+                             ? label_sample_logprobs->const_data_ptr<double>()
+                             : nullptr;
   const int64_t N = teacher_ids.size(0), K = teacher_ids.size(1);
   const auto acc_opts = row_max.options();
   at::Tensor loss_rows = at::empty({N}, acc_opts);
@@ -101,13 +118,14 @@ epilogue_cpu(const at::Tensor& row_max, const at::Tensor& sums, const at::Tensor
         if (labels.has_value() && labels->scalar_type() == at::kInt) {
           epilogue_kernel<acc_t, id_t, lp_t, int32_t>(
               terms, row_max, sums, gathered, teacher_ids, teacher_logprobs, mask_ptr,
-              labels->const_data_ptr<int32_t>(), vocab_size, with_entropy, loss_rows,
+              labels->const_data_ptr<int32_t>(), vocab_size, with_entropy, lt_ptr, ls_ptr,
+              sample_weight_clip, drop_missing_label, loss_rows,
               student_mass, teacher_mass, label_logprobs, entropy, row_coefs, grad);
         } else {
           epilogue_kernel<acc_t, id_t, lp_t, int64_t>(
               terms, row_max, sums, gathered, teacher_ids, teacher_logprobs, mask_ptr,
               labels.has_value() ? labels->const_data_ptr<int64_t>() : nullptr, vocab_size,
-              with_entropy, loss_rows, student_mass, teacher_mass, label_logprobs, entropy,
+              with_entropy, lt_ptr, ls_ptr, sample_weight_clip, drop_missing_label, loss_rows, student_mass, teacher_mass, label_logprobs, entropy,
               row_coefs, grad);
         }
       });

@@ -27,10 +27,15 @@ epilogue_cuda(const at::Tensor& row_max, const at::Tensor& sums, const at::Tenso
               const std::vector<std::string>& support, c10::ArrayRef<double> weight,
               c10::ArrayRef<double> beta, c10::ArrayRef<double> rkl_ratio,
               c10::ArrayRef<double> skew, std::optional<double> log_prob_min_clamp,
-              double loss_scale, bool with_entropy) {
+              double loss_scale, bool with_entropy,
+              const std::optional<at::Tensor>& label_teacher_logprobs,
+              const std::optional<at::Tensor>& label_sample_logprobs,
+              std::optional<double> sample_weight_clip, bool drop_missing_label) {
   check_epilogue_args(row_max, sums, gathered, teacher_ids, teacher_logprobs, mask, labels);
   const LossTerms terms = loss_terms_from_args(loss, support, weight, beta, rkl_ratio, skew,
                                                log_prob_min_clamp, loss_scale);
+  check_sampled_args(terms, row_max, labels, label_teacher_logprobs, label_sample_logprobs,
+                     sample_weight_clip);
   const DeviceGuard guard(row_max.device());
   const int64_t N = teacher_ids.size(0), K = teacher_ids.size(1);
   const auto acc_opts = row_max.options();
@@ -44,7 +49,7 @@ epilogue_cuda(const at::Tensor& row_max, const at::Tensor& sums, const at::Tenso
   if (N == 0) {
     return {loss_rows, student_mass, teacher_mass, label_logprobs, entropy, row_coefs, grad};
   }
-  const bool* mask_ptr = mask.has_value() ? mask->const_data_ptr<bool>() : nullptr;
+  const gmem_ptr<const bool> mask_ptr = mask.has_value() ? global_in<bool>(*mask, "mask") : nullptr;
   at::Tensor labels64;
   if (labels.has_value()) labels64 = labels->to(at::kLong);
   const Stream stream = current_stream(row_max.device());
@@ -63,20 +68,31 @@ epilogue_cuda(const at::Tensor& row_max, const at::Tensor& sums, const at::Tenso
         a.vocab_size = vocab_size;
         a.gathered_cols = gathered.size(1);
         a.with_entropy = with_entropy;
-        a.row_max = row_max.const_data_ptr<acc_t>();
-        a.sums = sums.const_data_ptr<acc_t>();
-        a.gathered = gathered.const_data_ptr<acc_t>();
-        a.ids = teacher_ids.const_data_ptr<id_t>();
-        a.lp = teacher_logprobs.const_data_ptr<lp_t>();
+        a.row_max = global_in<acc_t>(row_max, "row_max");
+        a.sums = global_in<acc_t>(sums, "sums");
+        a.gathered = global_in<acc_t>(gathered, "gathered");
+        a.ids = global_in<id_t>(teacher_ids, "teacher_ids");
+        a.lp = global_in<lp_t>(teacher_logprobs, "teacher_logprobs");
         a.mask = mask_ptr;
-        a.labels = labels.has_value() ? labels64.const_data_ptr<int64_t>() : nullptr;
-        a.loss = loss_rows.mutable_data_ptr<acc_t>();
-        a.student_mass = student_mass.mutable_data_ptr<float>();
-        a.teacher_mass = teacher_mass.mutable_data_ptr<float>();
-        a.label_logprobs = label_logprobs.mutable_data_ptr<acc_t>();
-        a.entropy = entropy.mutable_data_ptr<acc_t>();
-        a.row_coefs = row_coefs.mutable_data_ptr<double>();
-        a.g = grad.mutable_data_ptr<double>();
+        a.labels = labels.has_value() ? global_in<int64_t>(labels64, "labels") : nullptr;
+        a.label_teacher_lp = terms.any_sampled
+                                 ? global_in<double>(*label_teacher_logprobs,
+                                                     "label_teacher_logprobs")
+                                 : nullptr;
+        a.label_sample_lp = terms.any_sampled && label_sample_logprobs.has_value()
+                                ? global_in<double>(*label_sample_logprobs,
+                                                    "label_sample_logprobs")
+                                : nullptr;
+        a.has_clip = sample_weight_clip.has_value();
+        a.clip = sample_weight_clip.value_or(0.0);
+        a.drop_missing_label = drop_missing_label;
+        a.loss = global_out<acc_t>(loss_rows, "loss_rows");
+        a.student_mass = global_out<float>(student_mass, "student_mass");
+        a.teacher_mass = global_out<float>(teacher_mass, "teacher_mass");
+        a.label_logprobs = global_out<acc_t>(label_logprobs, "label_logprobs");
+        a.entropy = global_out<acc_t>(entropy, "entropy");
+        a.row_coefs = global_out<double>(row_coefs, "row_coefs");
+        a.g = global_out<double>(grad, "grad");
         if (K <= kWarpPathMaxK) {
           const int64_t rows_per_block = kEpilogueThreads / 32;
           const unsigned grid = grid_for((N + rows_per_block - 1) / rows_per_block);

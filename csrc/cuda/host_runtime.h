@@ -1,6 +1,7 @@
 // What the host launchers (csrc/cuda/*.cu) need from the CUDA runtime: the device guard, the
-// current stream, the SM count, output allocation, the launch check, and where the ops are
-// registered. Two implementations of one interface:
+// current stream, the SM count, output allocation, the launch check, the kernels' global pointers
+// (global_in / global_out: a tensor's data as gmem_ptr, checked against the tensor's storage under
+// the emulator), and where the ops are registered. Two implementations of one interface:
 //   * the GPU build (nvcc): c10's CUDA guard and stream, cudaDeviceGetAttribute, at::empty;
 //   * the emulated build (g++, TD_EMULATE; csrc/emu/*_emu.cpp): CPU tensors, no stream, the SM
 //     count from TOPK_DISTILL_EMU_SMS (default 132, an H100) so that the launch geometry - the
@@ -44,6 +45,15 @@ inline int sm_count(const at::Device&) {
 }
 
 inline void check_launch() {}  // the emulator throws from the launch itself
+
+// A tensor's data as a kernel's global pointer, checked against the tensor's whole storage (what
+// compute-sanitizer's memcheck sees as its allocation once torch's caching allocator is off) and
+// named `what` in the checker's messages.
+template <typename T>
+gmem_ptr<T> global_ptr(T* p, const at::Tensor& t, const char* what) {
+  const auto* begin = static_cast<const unsigned char*>(t.storage().data());
+  return gmem_ptr<T>(p, td_emu::GlobalRegion{begin, begin + (begin ? t.storage().nbytes() : 0), what});
+}
 
 // An output the kernels will fill: poisoned here (see above).
 inline at::Tensor device_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -94,6 +104,23 @@ inline at::Tensor device_empty(at::IntArrayRef sizes, const at::TensorOptions& o
   return at::empty(sizes, options);
 }
 
+template <typename T>
+T* global_ptr(T* p, const at::Tensor&, const char*) {
+  return p;
+}
+
 TD_CUDA_NAMESPACE_END
 
 #endif
+
+TD_CUDA_NAMESPACE_BEGIN
+// Inputs (read-only) and outputs of a kernel, as the global pointers its arguments hold.
+template <typename T>
+gmem_ptr<const T> global_in(const at::Tensor& t, const char* what) {
+  return global_ptr(t.const_data_ptr<T>(), t, what);
+}
+template <typename T>
+gmem_ptr<T> global_out(const at::Tensor& t, const char* what) {
+  return global_ptr(t.mutable_data_ptr<T>(), t, what);
+}
+TD_CUDA_NAMESPACE_END

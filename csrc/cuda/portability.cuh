@@ -13,11 +13,25 @@
 //   barriers       __syncthreads, __syncthreads_count/_and/_or, __syncwarp
 //   warp           __shfl_sync, __shfl_up/down/xor_sync, __any_sync, __all_sync, __ballot_sync
 //   atomics        atomicAdd/Or/And/Max/Min/Exch/CAS
-//   math           <cmath>, __expf, __logf, __fdividef, exp2_approx_ftz, fma_rn, bits_to_float,
-//                  pack_bf16x2_rn, pack_f16x2_rn (below),
-//                  min/max/isnan/isfinite. nvcc contracts a * b + c into one FMA by default and
-//                  the host compiler does not: where that rounding matters (z / T - max with
-//                  |z| ~ 1e4) device code writes fma_rn, which both compile to the same FMA.
+//   math           <cmath>, __expf, __logf, __fdividef, exp2_approx_ftz, fma_rn, mul_rn,
+//                  bits_to_float, pack_bf16x2_rn, pack_f16x2_rn (below),
+//                  min/max/isnan/isfinite. nvcc contracts a * b + c into one FMA by default (also
+//                  when the product a * b is stored or compared elsewhere: that use then sees the
+//                  rounded product, the sum the exact one) and the host compiler does not. So
+//                  device code never leaves it to the compiler where the rounding is visible:
+//                  fma_rn(a, b, c) where it wants one rounding (both builds: the same FMA), and
+//                  mul_rn(a, b) for a product that is stored or compared and also added
+//                  (__fmul_rn / __dmul_rn: never contracted; a plain multiply under g++), and
+//                  add_rn(a, b) for a sum of a math function's result (expf ends with a product).
+//                  python -m tools.fmad_check shows what nvcc would still contract.
+//   global memory  gmem_ptr<T>                   a pointer into a tensor: T* on the GPU, a pointer
+//                                                checked against the tensor's storage (bounds) and
+//                                                the accessed type (alignment) under the emulator;
+//                                                every global pointer a kernel receives is one
+//                  gmem_cast<U>(p)               reinterpret a gmem_ptr (16-byte packs)
+//                  gmem_span(p, n)               the raw T* to n elements, checked once (for code
+//                                                shared with the CPU: csrc/divergences.h)
+//                  address_of(p)                 the address, for alignment arithmetic
 //   shared memory  TD_SHARED_ARRAY(T, name, n)   a static __shared__ T name[n], used as smem_ptr<T>
 //                  TD_SHARED_OBJECT(T, name)     a static __shared__ T name
 //                  dynamic_shared_memory<T>()    the launch's dynamic shared memory as smem_ptr<T>
@@ -70,9 +84,25 @@ inline smem_ptr<T> dynamic_shared_memory() {
   return td_emu::dynamic_shared<T>();
 }
 
+template <typename T>
+using gmem_ptr = td_emu::GmemPtr<T>;
+using td_emu::gmem_cast;
+template <typename T>
+inline T* gmem_span(const gmem_ptr<T>& p, int64_t n) { return p.span(n); }
+template <typename T>
+inline uintptr_t address_of(const gmem_ptr<T>& p) { return reinterpret_cast<uintptr_t>(p.get()); }
+
 // a * b + c rounded once (std::fma is correctly rounded, with or without hardware FMA).
 inline float fma_rn(float a, float b, float c) { return std::fma(a, b, c); }
 inline double fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
+// a + b rounded (for a sum whose operand is a library function's last product, e.g. expf's
+// scaling: nvcc would fuse that product into the sum).
+inline float add_rn(float a, float b) { return a + b; }
+inline double add_rn(double a, double b) { return a + b; }
+// a * b rounded. (g++ contracts nothing here: setup.py compiles in ISO C++ mode, where
+// -ffp-contract=off is the default, and baseline x86-64 has no FMA instruction to contract into.)
+inline float mul_rn(float a, float b) { return a * b; }
+inline double mul_rn(double a, double b) { return a * b; }
 
 // 2^x with denormal results flushed to zero, like ex2.approx.ftz.f32 (exact here).
 inline float exp2_approx_ftz(float x) {
@@ -156,8 +186,23 @@ __device__ __forceinline__ U* smem_cast(T* p) {
   return reinterpret_cast<U*>(p);
 }
 
+template <typename T>
+using gmem_ptr = T*;
+template <typename U, typename T>
+__device__ __forceinline__ U* gmem_cast(T* p) {
+  return reinterpret_cast<U*>(p);
+}
+template <typename T>
+__device__ __forceinline__ T* gmem_span(T* p, int64_t) { return p; }
+template <typename T>
+__device__ __forceinline__ uintptr_t address_of(const T* p) { return reinterpret_cast<uintptr_t>(p); }
+
 __device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
 __device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
 __device__ __forceinline__ float exp2_approx_ftz(float x) {
   float r;

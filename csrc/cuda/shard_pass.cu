@@ -146,15 +146,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_pas
     using acc_t = acc_of<scalar_t>;
     AT_DISPATCH_INDEX_TYPES(teacher_ids.scalar_type(), "shard_pass_cuda_ids", [&] {
       ShardArgs<scalar_t, index_t> a{};
-      a.logits = logits.const_data_ptr<scalar_t>();
+      a.logits = global_in<scalar_t>(logits, "logits");
       a.rows = RowMap{static_cast<uint32_t>(l.T), l.outer_stride, l.inner_stride};
       a.N = N;
       a.V = V;
       a.K = K;
-      a.ids = teacher_ids.const_data_ptr<index_t>();
-      a.sorted = K > 1 ? sorted.const_data_ptr<index_t>() : nullptr;
-      a.order = K > 1 ? order.const_data_ptr<int64_t>() : nullptr;
-      a.labels = L ? labels64.const_data_ptr<int64_t>() : nullptr;
+      a.ids = global_in<index_t>(teacher_ids, "teacher_ids");
+      a.sorted = K > 1 ? global_in<index_t>(sorted, "sorted") : nullptr;
+      a.order = K > 1 ? global_in<int64_t>(order, "order") : nullptr;
+      a.labels = L ? global_in<int64_t>(labels64, "labels") : nullptr;
       a.vocab_start = vocab_start;
       a.inv_t = static_cast<acc_t>(inv_temperature);
       a.c = static_cast<acc_t>(static_cast<double>(a.inv_t) * kLog2e);
@@ -162,11 +162,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_pas
       a.splits = rs.splits;
       a.chunk = rs.chunk;
       a.bitmap_words = bitmap_words(std::min(rs.chunk, V));
-      a.row_max = row_max.mutable_data_ptr<acc_t>();
-      a.sums = sums.mutable_data_ptr<acc_t>();
-      a.gathered = gathered.mutable_data_ptr<acc_t>();
+      a.row_max = global_out<acc_t>(row_max, "row_max");
+      a.sums = global_out<acc_t>(sums, "sums");
+      a.gathered = global_out<acc_t>(gathered, "gathered");
       a.gathered_cols = K + L;
-      a.partials = rs.splits > 1 ? partials.mutable_data_ptr<acc_t>() : nullptr;
+      a.partials = rs.splits > 1 ? global_out<acc_t>(partials, "partials") : nullptr;
       const int threads = threads_for(std::min(rs.chunk, V), vec_of<scalar_t>());
       const size_t smem = static_cast<size_t>(a.bitmap_words) * sizeof(uint32_t);
       const unsigned grid = grid_for(N * rs.splits);

@@ -665,6 +665,31 @@ void shared_out_of_bounds(const SharedRegion& region, const void* address, size_
               std::to_string(region.end - region.begin) + " bytes");
 }
 
+void global_out_of_bounds(const GlobalRegion& region, const void* address, size_t size,
+                          bool read_only) {
+  const auto* a = static_cast<const unsigned char*>(address);
+  if (region.begin == nullptr) {
+    throw Error(std::string("global memory ") + (read_only ? "read" : "access") + " of " +
+                std::to_string(size) + " byte(s) through `" + region.what +
+                "`, which points to no storage (a null or empty tensor's pointer)");
+  }
+  const long long offset = static_cast<long long>(a - region.begin);
+  throw Error(std::string("global memory ") + (read_only ? "read" : "access (read or write)") +
+              " out of bounds: " + std::to_string(size) + " byte(s) at byte offset " +
+              std::to_string(offset) + " of `" + region.what + "`'s storage, which has " +
+              std::to_string(region.end - region.begin) + " bytes");
+}
+
+void global_misaligned(const GlobalRegion& region, const void* address, size_t size,
+                       size_t align) {
+  const auto* a = static_cast<const unsigned char*>(address);
+  throw Error("misaligned global memory access: " + std::to_string(size) + " byte(s) at byte "
+              "offset " + std::to_string(static_cast<long long>(a - region.begin)) + " of `" +
+              region.what + "`'s storage (address = " +
+              std::to_string(reinterpret_cast<uintptr_t>(a) % align) + " mod " +
+              std::to_string(align) + "), which must be " + std::to_string(align) + "-byte aligned");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Launch.
 // ---------------------------------------------------------------------------------------------

@@ -32,9 +32,13 @@
 //     __launch_bounds__), a grid dimension over its limit, more than 48 KiB of shared memory
 //     (static + dynamic; no opt-in is emulated).
 //
+//   * a global-memory access outside the tensor's storage, or a misaligned one (a 16-byte pack
+//     not on 16 bytes), through gmem_ptr (see portability.cuh): every pointer a kernel receives
+//     is one, made by the host launcher from the tensor (host_runtime.h: global_ptr).
+//
 // What it cannot tell: speed, the memory model (all accesses here are sequentially consistent;
 // a missing __threadfence is invisible), races on GLOBAL memory between blocks (blocks never run
-// interleaved), out-of-bounds GLOBAL accesses (raw pointers), and the hardware's arithmetic: the
+// interleaved), and the hardware's arithmetic: the
 // fast-math intrinsics are replaced by host functions at least as accurate (list below).
 //
 // Host equivalents of the device intrinsics (each at least as accurate as the device's):
@@ -54,6 +58,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <cstddef>
 #include <functional>
 #include <source_location>
 #include <stdexcept>
@@ -174,6 +179,75 @@ template <typename T>
 SmemPtr<T> static_shared(size_t count, std::source_location site) {
   const SharedRegion r = shared_region(count * sizeof(T), alignof(T) < 16 ? 16 : alignof(T), site, false);
   return SmemPtr<T>(reinterpret_cast<T*>(r.begin), r);
+}
+
+// ---- global memory --------------------------------------------------------------------------
+
+// The storage a global pointer may reach: a tensor's whole storage (what compute-sanitizer's
+// memcheck checks against, with torch's caching allocator off), named for messages.
+struct GlobalRegion {
+  const unsigned char* begin;
+  const unsigned char* end;
+  const char* what;  // the kernel argument, e.g. "logits"
+};
+
+[[noreturn]] void global_out_of_bounds(const GlobalRegion& region, const void* address,
+                                       size_t size, bool read_only);
+[[noreturn]] void global_misaligned(const GlobalRegion& region, const void* address, size_t size,
+                                    size_t align);
+
+// A pointer into global memory whose every dereference is checked: the accessed bytes must lie
+// inside the region, and the address must be aligned for the accessed type (a 16-byte pack:
+// 16 bytes, as the GPU's vector loads require; x86 forgives what the GPU does not). Arithmetic is
+// free, as with a raw pointer (a pointer may point outside while nothing is read through it).
+template <typename T>
+class GmemPtr {
+ public:
+  GmemPtr() = default;
+  GmemPtr(std::nullptr_t) {}  // NOLINT: an absent optional argument
+  GmemPtr(T* p, const GlobalRegion& region) : p_(p), region_(region) {}
+  template <typename U, typename = std::enable_if_t<std::is_convertible_v<U*, T*>>>
+  GmemPtr(const GmemPtr<U>& other) : p_(other.get()), region_(other.region()) {}
+
+  T& operator[](int64_t i) const { return *checked(p_ + i); }
+  T& operator*() const { return *checked(p_); }
+  T* operator->() const { return checked(p_); }
+  GmemPtr operator+(int64_t i) const { return {p_ + i, region_}; }
+  GmemPtr operator-(int64_t i) const { return {p_ - i, region_}; }
+  friend bool operator==(const GmemPtr& a, std::nullptr_t) { return a.p_ == nullptr; }
+  friend bool operator!=(const GmemPtr& a, std::nullptr_t) { return a.p_ != nullptr; }
+  T* get() const { return p_; }
+  const GlobalRegion& region() const { return region_; }
+
+  // The raw pointer to `count` elements from here, all checked now (for code shared with the
+  // CPU kernels, which takes raw pointers: csrc/divergences.h).
+  T* span(int64_t count) const {
+    if (count > 0) {
+      checked(p_);
+      checked(p_ + (count - 1));
+    }
+    return p_;
+  }
+
+ private:
+  T* checked(T* q) const {
+    const auto* a = reinterpret_cast<const unsigned char*>(q);
+    if (a < region_.begin || a + sizeof(T) > region_.end || region_.begin == nullptr) {
+      global_out_of_bounds(region_, a, sizeof(T), std::is_const_v<T>);
+    }
+    if (reinterpret_cast<uintptr_t>(a) % alignof(T) != 0) {
+      global_misaligned(region_, a, sizeof(T), alignof(T));
+    }
+    return q;
+  }
+  T* p_ = nullptr;
+  GlobalRegion region_{nullptr, nullptr, ""};
+};
+
+// reinterpret_cast for a checked pointer (a 16-byte pack over scalars, scalars inside a pack).
+template <typename U, typename T>
+GmemPtr<U> gmem_cast(const GmemPtr<T>& p) {
+  return GmemPtr<U>(reinterpret_cast<U*>(p.get()), p.region());
 }
 
 // Counters of what the checker saw, for tests (process-wide; reset with reset_stats()).

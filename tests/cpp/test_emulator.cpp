@@ -10,6 +10,7 @@
 #include <functional>
 #include <set>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -202,6 +203,38 @@ __global__ void block_order_kernel(int* flag, int* out) {
   if (blockIdx.x == 1) *out = *flag;
 }
 
+// Global memory through gmem_ptr (what every kernel of the project receives): reads and writes
+// outside the tensor's storage and a 16-byte pack load off 16 bytes.
+struct alignas(16) Float4 {
+  float v[4];
+};
+
+template <typename T>
+gmem_ptr<T> checked(std::vector<std::remove_const_t<T>>& v, const char* what) {
+  const auto* b = reinterpret_cast<const unsigned char*>(v.data());
+  return gmem_ptr<T>(v.data(), td_emu::GlobalRegion{b, b + v.size() * sizeof(T), what});
+}
+
+// Correct: 16-byte packs in, scalars out, every access inside.
+__global__ void global_ok_kernel(gmem_ptr<const float> in, gmem_ptr<float> out) {
+  const Float4 pk = *gmem_cast<const Float4>(in + 4 * threadIdx.x);
+  out[threadIdx.x] = pk.v[0] + pk.v[1] + pk.v[2] + pk.v[3];
+}
+
+__global__ void global_oob_read_kernel(gmem_ptr<const float> in, gmem_ptr<float> out, int n) {
+  out[threadIdx.x] = in[threadIdx.x + n - 32 + 1];  // the last thread reads in[n]
+}
+
+__global__ void global_oob_write_kernel(gmem_ptr<float> out) {
+  out[static_cast<int>(threadIdx.x) - 1] = 1.0f;  // thread 0 writes out[-1]
+}
+
+__global__ void misaligned_pack_kernel(gmem_ptr<const float> in, gmem_ptr<float> out) {
+  // a 16-byte load from a row that starts one float past a 16-byte boundary
+  const Float4 pk = *gmem_cast<const Float4>(in + 1 + 4 * threadIdx.x);
+  out[threadIdx.x] = pk.v[0];
+}
+
 template <typename Kernel, typename... Args>
 void launch(Kernel* k, const char* name, unsigned grid, unsigned block, size_t smem,
             unsigned bound, const Args&... args) {
@@ -302,6 +335,31 @@ int main() {
   expect_error("static + dynamic shared memory over 48 KiB",
                [&] { launch(&huge_static_kernel, "huge_static_kernel", 1, 32, 16 * 1024, 0, p); },
                {"huge_static_kernel", "48 KiB"});
+  {
+    std::vector<float> in(4 * 32 + 4, 1.0f), out(32, 0.0f);
+    launch(&global_ok_kernel, "global_ok_kernel", 1, 32, 0, 0, checked<const float>(in, "in"),
+           checked<float>(out, "out"));
+    bool ok = true;
+    for (float v : out) ok &= v == 4.0f;
+    check(ok, "checked global pointers: in-bounds 16-byte packs and scalar stores pass");
+  }
+  {
+    std::vector<float> in(64, 1.0f), out(32, 0.0f);
+    expect_error("a global read one past the tensor's storage",
+                 [&] { launch(&global_oob_read_kernel, "global_oob_read_kernel", 1, 32, 0, 0,
+                              checked<const float>(in, "in"), checked<float>(out, "out"), 64); },
+                 {"global_oob_read_kernel", "global memory read out of bounds", "`in`",
+                  "byte offset 256", "256 bytes"});
+    expect_error("a global write before the tensor's storage",
+                 [&] { launch(&global_oob_write_kernel, "global_oob_write_kernel", 1, 32, 0, 0,
+                              checked<float>(out, "out")); },
+                 {"global_oob_write_kernel", "out of bounds", "`out`", "byte offset -4"});
+    expect_error("a 16-byte vector load off a 16-byte boundary",
+                 [&] { launch(&misaligned_pack_kernel, "misaligned_pack_kernel", 1, 4, 0, 0,
+                              checked<const float>(in, "in"), checked<float>(out, "out")); },
+                 {"misaligned_pack_kernel", "misaligned global memory access", "16 byte(s)",
+                  "16-byte aligned"});
+  }
   expect_error("a grid.y over 65535",
                [&] { ::td_emu::make_launch("bounded_kernel", td_emu::Dim3(1, 70000), td_emu::Dim3(32), 0, 0, &bounded_kernel)(p); },
                {"bounded_kernel", "65535"});

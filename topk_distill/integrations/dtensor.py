@@ -29,6 +29,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from .. import _validate
 from .._types import TopKDistillOutput
 from ..losses import topk_distill_loss
 
@@ -98,7 +99,8 @@ def dtensor_topk_distill_loss(logits, teacher_ids: Tensor, teacher_logprobs: Ten
     Args:
         logits: ``DTensor`` ``[..., V]`` sharded over the vocab on one mesh dimension.
         teacher_ids, teacher_logprobs, mask: this rank's rows (plain tensors, or DTensors
-            replicated over the TP mesh dimension).
+            replicated over the TP mesh dimension); so may be ``labels``,
+            ``label_teacher_logprobs`` and ``label_sample_logprobs`` in ``kwargs``.
         mesh_dim: the TP mesh dimension (index or name); default: the one where the logits are
             ``Shard(-1)``.
     """
@@ -111,9 +113,14 @@ def dtensor_topk_distill_loss(logits, teacher_ids: Tensor, teacher_logprobs: Ten
     for bad in ("tp_group", "vocab_start"):
         if bad in kwargs:
             raise TypeError(f"{bad} comes from the DTensor's device mesh; do not pass it")
+    # On the DTensor itself: its to_local() is a view of no leaf, whatever the DTensor is.
+    _validate.check_inplace_backward(logits, kwargs.get("inplace_backward"))
     tp_dim = _tp_mesh_dim(logits, mesh_dim)
     group = logits.device_mesh.get_group(tp_dim)
     local = logits.to_local()  # differentiable: the gradient comes back as a Shard(-1) DTensor
+    for name in ("labels", "label_teacher_logprobs", "label_sample_logprobs"):  # per-row tensors
+        if kwargs.get(name) is not None:
+            kwargs[name] = _local(name, kwargs[name], tp_dim)
     return topk_distill_loss(local, _local("teacher_ids", teacher_ids, tp_dim),
                              _local("teacher_logprobs", teacher_logprobs, tp_dim),
                              mask=_local("mask", mask, tp_dim), tp_group=group,

@@ -48,32 +48,32 @@ static_assert(kBackwardMaxThreads == 256, "the launch bounds below assume 256");
 template <typename scalar_t, typename id_t>
 struct BackwardArgs {
   using acc_t = acc_of<scalar_t>;
-  const scalar_t* logits;
+  gmem_ptr<const scalar_t> logits;
   RowMap in_rows;
-  scalar_t* out;  // == logits for the in-place op
+  gmem_ptr<scalar_t> out;  // == logits for the in-place op
   RowMap out_rows;
   int64_t N, V, K;
-  const id_t* ids;        // [N, K]
-  const id_t* sorted;     // [N, K]: each row's ids sorted (stable), or null when K <= 1
-  const int64_t* order;   // [N, K]: their positions k
-  const int64_t* labels;  // [N] or null
+  gmem_ptr<const id_t> ids;        // [N, K]
+  gmem_ptr<const id_t> sorted;     // [N, K]: each row's ids sorted (stable), or null when K <= 1
+  gmem_ptr<const int64_t> order;   // [N, K]: their positions k
+  gmem_ptr<const int64_t> labels;  // [N] or null
   int64_t vocab_start;
   double inv_t;           // s
   acc_t inv_t_acc;        // fl(inv_t): the forward's scale of z
   acc_t c;                // fl(inv_t_acc * log2(e))
   double c_over_inv_t;    // c / inv_t_acc in fp64 (host: no fp64 division subroutine here)
-  const acc_t* row_max;       // [N]
-  const double* row_coefs;    // [N, 6]
-  const double* g;            // [N, K]
-  const acc_t* grad_rows;     // [N]
-  const acc_t* grad_label;    // [N] or null (0)
-  const acc_t* grad_entropy;  // [N] or null (0)
+  gmem_ptr<const acc_t> row_max;       // [N]
+  gmem_ptr<const double> row_coefs;    // [N, 6]
+  gmem_ptr<const double> g;            // [N, K]
+  gmem_ptr<const acc_t> grad_rows;     // [N]
+  gmem_ptr<const acc_t> grad_label;    // [N] or null (0)
+  gmem_ptr<const acc_t> grad_entropy;  // [N] or null (0)
   int64_t splits, chunk, bitmap_words;
 };
 
 // out[r0, r1) = v, packed where the output row allows.
 template <typename scalar_t>
-__device__ __forceinline__ void fill_range(scalar_t* o, int64_t r0, int64_t r1, scalar_t v) {
+__device__ __forceinline__ void fill_range(gmem_ptr<scalar_t> o, int64_t r0, int64_t r1, scalar_t v) {
   constexpr int VEC = vec_of<scalar_t>();
   const int B = blockDim.x;
   const int sh = static_cast<int>((misalignment(o) + r0) % VEC);
@@ -85,7 +85,7 @@ __device__ __forceinline__ void fill_range(scalar_t* o, int64_t r0, int64_t r1, 
   Pack<scalar_t, VEC> pk;
 #pragma unroll
   for (int i = 0; i < VEC; ++i) pk.v[i] = v;
-  Pack<scalar_t, VEC>* op = reinterpret_cast<Pack<scalar_t, VEC>*>(o + j0);
+  const gmem_ptr<Pack<scalar_t, VEC>> op = gmem_cast<Pack<scalar_t, VEC>>(o + j0);
   for (int64_t i = threadIdx.x; i < npk; i += B) op[i] = pk;
 }
 
@@ -115,7 +115,8 @@ struct DenseFn {
 // len <= kMaxBlockCols columns (32-bit indices: fewer registers in the hot loop), sh is the
 // bitmap shift of the INPUT row (bit t + sh marks column t of the range).
 template <typename scalar_t, bool kEntGrad>
-__device__ __forceinline__ void dense_range(const scalar_t* z, scalar_t* o, int len, int sh,
+__device__ __forceinline__ void dense_range(gmem_ptr<const scalar_t> z, gmem_ptr<scalar_t> o,
+                                            int len, int sh,
                                             smem_ptr<const uint32_t> bm,
                                             const DenseFn<scalar_t, kEntGrad> f) {
   using acc_t = acc_of<scalar_t>;
@@ -142,8 +143,8 @@ __device__ __forceinline__ void dense_range(const scalar_t* z, scalar_t* o, int 
     const int b = j + sh;
     if (!((bm[b >> 5] >> (b & 31)) & 1u)) o[j] = f.one(static_cast<acc_t>(z[j]));
   }
-  const P* zp = reinterpret_cast<const P*>(z + j0);
-  P* op = reinterpret_cast<P*>(o + j0);
+  const gmem_ptr<const P> zp = gmem_cast<const P>(z + j0);
+  const gmem_ptr<P> op = gmem_cast<P>(o + j0);
   const int b0 = j0 + sh;  // a multiple of VEC
   const int wstride = B * VEC / 32;
   int i = threadIdx.x;
@@ -169,7 +170,7 @@ __device__ __forceinline__ void dense_range(const scalar_t* z, scalar_t* o, int 
       if (tb[u] == 0u) {
         op[i + u * B] = r[u];
       } else {  // a marked column inside: leave it to the sparse pass
-        scalar_t* oe = reinterpret_cast<scalar_t*>(op + i + u * B);
+        const gmem_ptr<scalar_t> oe = gmem_cast<scalar_t>(op + i + u * B);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           if (!((tb[u] >> e) & 1u)) oe[e] = r[u].v[e];
@@ -187,7 +188,7 @@ __device__ __forceinline__ void dense_range(const scalar_t* z, scalar_t* o, int 
     if (tb == 0u) {
       op[i] = r;
     } else {
-      scalar_t* oe = reinterpret_cast<scalar_t*>(op + i);
+      const gmem_ptr<scalar_t> oe = gmem_cast<scalar_t>(op + i);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         if (!((tb >> e) & 1u)) oe[e] = r.v[e];
@@ -216,16 +217,17 @@ __device__ __forceinline__ scalar_t sparse_value(const RowGrad& r, double x, dou
   const double t = (x - r.M) - r.log_sum;
   const double q = ::exp(t);
   const double outside = m == 0 ? 1.0 : -static_cast<double>(m - 1);
-  double v = (r.gl != 0.0 ? r.gl * g_sum : 0.0) + (label ? r.gy : 0.0);
+  // (mul_rn: the products added to are rounded on their own, as in the CPU kernel)
+  double v = (r.gl != 0.0 ? mul_rn(r.gl, g_sum) : 0.0) + (label ? r.gy : 0.0);
   if (q != 0.0) {  // (a -inf logit: q = 0 and t = -inf; its q-terms are 0)
-    double inner = r.glo * outside - r.gld - r.gy - r.ghH;
-    if (r.gh != 0.0) inner -= r.gh * t;
-    v += q * inner;
+    double inner = mul_rn(r.glo, outside) - r.gld - r.gy - r.ghH;
+    if (r.gh != 0.0) inner -= mul_rn(r.gh, t);
+    v += mul_rn(q, inner);
   }
   return static_cast<scalar_t>(r.s * v);
 }
 
-constexpr int64_t kRowCoefsPerRow = 6;  // (csrc/ops.h kRowCoefs)
+constexpr int64_t kRowCoefsPerRow = 7;  // (csrc/ops.h kRowCoefs)
 constexpr uint32_t kFlagRepeat = 1u, kFlagAnyG = 2u, kFlagLabelHit = 4u;
 
 template <typename scalar_t, typename id_t, bool kEntGrad>
@@ -244,10 +246,10 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, stream_min_blocks<scalar_
     zero_bitmap(bm, a.bitmap_words);  // (ends with a barrier)
     const auto [n, sp] = work_item(w, a.splits);
     const int64_t r0 = sp * a.chunk, r1 = std::min(a.V, r0 + a.chunk);
-    const scalar_t* z = a.logits + a.in_rows.offset(n);
-    scalar_t* o = a.out + a.out_rows.offset(n);
-    const id_t* ids = a.ids + n * a.K;
-    const double* g = a.g + n * a.K;
+    const gmem_ptr<const scalar_t> z = a.logits + a.in_rows.offset(n);
+    const gmem_ptr<scalar_t> o = a.out + a.out_rows.offset(n);
+    const gmem_ptr<const id_t> ids = a.ids + n * a.K;
+    const gmem_ptr<const double> g = a.g + n * a.K;
     const int sh = static_cast<int>((misalignment(z) + r0) % VEC);
     const int64_t label = a.labels != nullptr ? a.labels[n] : int64_t(-1);
     const int64_t lc = label - a.vocab_start;  // the label's column
@@ -272,7 +274,7 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, stream_min_blocks<scalar_
     flags = row_flags;
 
     // The row's coefficients (every thread, the same).
-    const double* rc = a.row_coefs + n * kRowCoefsPerRow;
+    const gmem_ptr<const double> rc = a.row_coefs + n * kRowCoefsPerRow;
     RowGrad r;
     r.s = a.inv_t;
     r.M = static_cast<double>(a.row_max[n]);
@@ -282,14 +284,15 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, stream_min_blocks<scalar_
     const double gy_up = a.grad_label != nullptr ? static_cast<double>(a.grad_label[n]) : 0.0;
     const double gh_up = a.grad_entropy != nullptr ? static_cast<double>(a.grad_entropy[n]) : 0.0;
     // (a zero upstream gradient contributes 0 even against a NaN factor)
-    r.gy = gy_up == 0.0 ? 0.0 : gy_up * rc[4];
-    r.gh = gh_up == 0.0 ? 0.0 : gh_up * rc[5];
+    // (mul_rn: each coefficient below is compared and also added to the others)
+    r.gy = gy_up == 0.0 ? 0.0 : mul_rn(gy_up, rc[4]);
+    r.gh = gh_up == 0.0 ? 0.0 : mul_rn(gh_up, rc[5]);
     const bool act_l = gl != 0.0 && ((flags & kFlagAnyG) || dense != 0.0 || outside != 0.0);
     const bool act_y = r.gy != 0.0, act_h = r.gh != 0.0;
     r.gl = act_l ? gl : 0.0;
-    r.gld = act_l ? gl * dense : 0.0;
-    r.glo = act_l ? gl * outside : 0.0;
-    r.ghH = act_h ? r.gh * H : 0.0;
+    r.gld = act_l ? mul_rn(gl, dense) : 0.0;
+    r.glo = act_l ? mul_rn(gl, outside) : 0.0;
+    r.ghH = act_h ? mul_rn(r.gh, H) : 0.0;
     const double shift = r.M + r.log_sum;
     const bool nan_row = !isfinite(shift) || isnan(r.gld) || isnan(r.glo) || isnan(r.gl) ||
                          isnan(r.gy) || isnan(r.ghH);
@@ -315,12 +318,13 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, stream_min_blocks<scalar_
           const int64_t c = id - a.vocab_start;
           if (id < 0 || c < r0 || c >= r1) continue;
           const scalar_t raw = k == threadIdx.x ? z0 : z[c];
-          const double x = static_cast<double>(static_cast<acc_t>(raw) * a.inv_t_acc);
+          // (mul_rn: the forward's rounded x = z / T, not one fused into sparse_value's x - M)
+          const double x = static_cast<double>(mul_rn(static_cast<acc_t>(raw), a.inv_t_acc));
           o[c] = sparse_value<scalar_t>(r, x, g[k], 1, c == lc);
         }
       } else {  // (block-uniform) each id's run in the sorted order, written by its first entry
-        const id_t* sorted = a.sorted + n * a.K;
-        const int64_t* order = a.order + n * a.K;
+        const gmem_ptr<const id_t> sorted = a.sorted + n * a.K;
+        const gmem_ptr<const int64_t> order = a.order + n * a.K;
         for (int64_t p = threadIdx.x; p < a.K; p += blockDim.x) {
           const int64_t id = static_cast<int64_t>(sorted[p]);
           const int64_t c = id - a.vocab_start;
@@ -330,27 +334,30 @@ __global__ void __launch_bounds__(kBackwardMaxThreads, stream_min_blocks<scalar_
           for (int64_t p2 = p; p2 < a.K && static_cast<int64_t>(sorted[p2]) == id; ++p2, ++m) {
             g_sum += g[order[p2]];
           }
-          const double x = static_cast<double>(static_cast<acc_t>(z[c]) * a.inv_t_acc);
+          const double x = static_cast<double>(mul_rn(static_cast<acc_t>(z[c]), a.inv_t_acc));
           o[c] = sparse_value<scalar_t>(r, x, g_sum, m, c == lc);
         }
       }
       if (label_alone && threadIdx.x == 0) {  // (nobody else reads or writes this column)
-        const double x = static_cast<double>(static_cast<acc_t>(z[lc]) * a.inv_t_acc);
+        const double x = static_cast<double>(mul_rn(static_cast<acc_t>(z[lc]), a.inv_t_acc));
         o[lc] = sparse_value<scalar_t>(r, x, 0.0, 0, true);
       }
 
       // 3. dense pass: A = s (gl (outside - dense) - gy - gh H), B = -s gh, in base 2 (DenseFn)
-      const double A = r.s * (r.glo - r.gld - r.gy - r.ghH);
+      //    (mul_rn: the two products of m2d are used again in D, which must measure exactly how
+      //    m2 was rounded from them - not from an FMA's unrounded product)
+      const double A = mul_rn(r.s, r.glo - r.gld - r.gy - r.ghH);
       const double Bc = -r.s * r.gh;
       const double c_over_inv_t = a.c_over_inv_t;
-      const double m2d = r.M * c_over_inv_t + r.log_sum * kLog2e;
+      const double m_c = mul_rn(r.M, c_over_inv_t), l_c = mul_rn(r.log_sum, kLog2e);
+      const double m2d = m_c + l_c;
       const acc_t m2 = static_cast<acc_t>(m2d);
-      const double D = static_cast<double>(m2) - r.log_sum * kLog2e - r.M * c_over_inv_t;
+      const double D = static_cast<double>(m2) - l_c - m_c;
       const double corr = ::exp2(D);
       DenseFn<scalar_t, kEntGrad> f;
       f.c = a.c;
       f.m2 = m2;
-      f.a = static_cast<acc_t>(corr * (A + Bc * kLn2 * D));
+      f.a = static_cast<acc_t>(corr * (A + mul_rn(Bc * kLn2, D)));
       f.b = static_cast<acc_t>(corr * Bc * kLn2);
       dense_range<scalar_t, kEntGrad>(z + r0, o + r0, static_cast<int>(r1 - r0), sh, bm, f);
     }

@@ -80,9 +80,9 @@ __device__ __forceinline__ void unpack(const Pack<scalar_t, VEC>& pk, acc_t (&x)
 }
 
 template <typename acc_t, typename scalar_t, int VEC>
-__device__ __forceinline__ void load_pack(const scalar_t* p, acc_t (&x)[VEC]) {
+__device__ __forceinline__ void load_pack(gmem_ptr<const scalar_t> p, acc_t (&x)[VEC]) {
   // (a copy of the whole pack first: one 16-byte load, not one per 32-bit word)
-  const Pack<scalar_t, VEC> pk = *reinterpret_cast<const Pack<scalar_t, VEC>*>(p);
+  const Pack<scalar_t, VEC> pk = *gmem_cast<const Pack<scalar_t, VEC>>(p);
   unpack(pk, x);
 }
 
@@ -108,9 +108,10 @@ __device__ __forceinline__ Pack<scalar_t, VEC> repack(const acc_t (&x)[VEC]) {
 
 // Misalignment of a row pointer in elements: the row's first 16-byte aligned column is
 // (VEC - mis) % VEC. Tensors of scalar_t are always sizeof(scalar_t)-aligned.
-template <typename scalar_t>
-__device__ __forceinline__ int misalignment(const scalar_t* p) {
-  return static_cast<int>((reinterpret_cast<uintptr_t>(p) / sizeof(scalar_t)) %
+template <typename Ptr>
+__device__ __forceinline__ int misalignment(const Ptr& p) {
+  using scalar_t = std::remove_cv_t<std::remove_reference_t<decltype(*p)>>;
+  return static_cast<int>((address_of(p) / sizeof(scalar_t)) %
                           static_cast<uintptr_t>(vec_of<scalar_t>()));
 }
 
@@ -206,7 +207,7 @@ __device__ __forceinline__ RowStat<acc_t> merge_stat(const RowStat<acc_t>& a,
   if (hi.m == lo.m) return {hi.m, hi.rest + lo.rest, hi.all + lo.all, hi.ent + lo.ent};
   if (lo.m == neg_inf<acc_t>() || hi.m == pos_inf<acc_t>()) {
     // lo is worth nothing next to hi (0 * its sums keeps a NaN, drops the rest)
-    const acc_t zero = (lo.rest + lo.all + lo.ent) * acc_t(0);
+    const acc_t zero = mul_rn(lo.rest + lo.all + lo.ent, acc_t(0));
     return {hi.m, hi.rest + zero, hi.all + zero, hi.ent + zero};
   }
   const acc_t d = lo.m - hi.m;  // < 0
@@ -257,24 +258,16 @@ __device__ __forceinline__ RowStat<acc_t> block_merge_stat(RowStat<acc_t> v,
 // bitmap_words(range) (launch_geometry.h; one spare so that a shift never reads past the end).
 // ---------------------------------------------------------------------------------------------
 
+// Every word is written by exactly one thread (word i by thread i mod blockDim): a block that
+// reuses its bitmap for the next row zeroes it whole rather than undoing its marks, because
+// undoing them would have several threads store 0 to one word (ids in the same 32 columns),
+// harmless on the hardware but a hazard that compute-sanitizer's racecheck reports. The cost is
+// bitmap_words stores per row (one per 32 columns), next to the row's V loads.
 __device__ __forceinline__ void zero_bitmap(smem_ptr<uint32_t> bm, int64_t words) {
   for (int64_t i = threadIdx.x; i < words; i += blockDim.x) bm[i] = 0u;
   __syncthreads();
 }
 
-// Undoes the marks of the in-range teacher columns (whole words: they hold no other marks).
-// The caller must have a barrier between the last bitmap read and this, and another before the
-// next marks.
-template <typename id_t>
-__device__ __forceinline__ void clear_teacher_columns(smem_ptr<uint32_t> bm, const id_t* ids,
-                                                      int64_t K, int64_t vocab_start, int64_t r0,
-                                                      int64_t r1, int sh) {
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-    const int64_t c = static_cast<int64_t>(ids[k]) - vocab_start;
-    if (ids[k] < 0 || c < r0 || c >= r1) continue;
-    bm[(c - r0 + sh) >> 5] = 0u;
-  }
-}
 
 template <int VEC>
 __device__ __forceinline__ uint32_t bitmap_bits(smem_ptr<const uint32_t> bm, int b) {
@@ -285,8 +278,8 @@ __device__ __forceinline__ uint32_t bitmap_bits(smem_ptr<const uint32_t> bm, int
 // row's ids once (stable: at::sort), so entry k = order[p] is the first copy of its id iff p == 0
 // or sorted[p - 1] != sorted[p], and its copies are the run sorted[p..]. O(K) per row after an
 // O(K log K) sort, instead of an O(K^2) scan.
-template <typename id_t>
-__device__ __forceinline__ bool first_in_run(const id_t* sorted, int64_t p) {
+template <typename IdPtr>
+__device__ __forceinline__ bool first_in_run(const IdPtr& sorted, int64_t p) {
   return p == 0 || sorted[p - 1] != sorted[p];
 }
 

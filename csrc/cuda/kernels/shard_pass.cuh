@@ -2,8 +2,8 @@
 // in csrc/registration.cpp; the CPU kernel csrc/cpu/shard_pass.cpp computes the same).
 //
 // Memory traffic: reads N * V_r logits once, in packs of 16 bytes (a row that is not 16-byte
-// aligned: each pack from its aligned block plus an 8-byte load of the next block's head, an L1
-// hit; V_r % VEC columns one by one); reads the N * K ids once (twice on the split path, or for a row with a repeated id) and
+// aligned: each pack from its aligned block plus exactly the next block's first MIS elements,
+// one to three loads of 8 / 4 / 2 bytes, an L1 hit; V_r % VEC columns one by one); reads the N * K ids once (twice on the split path, or for a row with a repeated id) and
 // each in-shard teacher logit once more (K scattered elements per row, issued while marking so
 // that their latency hides behind the stream); writes N * (6 + K + L) acc values. Nothing of size
 // [N, V_r] is allocated; the split path adds a [N, splits, 8] workspace.
@@ -12,7 +12,8 @@
 // with few long rows (N * V_r >> N, e.g. N = 64, V_r = 262144) each row is cut into ranges of
 // >= 8192 columns so that ~4 blocks per SM are busy, and a second small kernel (one block per
 // row) merges the ranges' statistics and finalises the row. Per block:
-//   1. marks: the row's in-range teacher columns are set in a shared-memory bitmap (atomicOr,
+//   1. marks: the row's in-range teacher columns are set in a shared-memory bitmap (zeroed
+//      whole first, one writer per word - see zero_bitmap - then atomicOr,
 //      which also counts the distinct columns and detects a repeated id); without a split, each
 //      thread also issues the load of its first teacher logit here;
 //   2. the stream: every thread reads its packs once (which thread sums which column depends on
@@ -36,6 +37,16 @@
 // the CPU (the distinct-column count stays).
 // Accumulation is fp32 (fp64 for fp64 logits).
 //
+// Reads outside the row (what compute-sanitizer's memcheck would see): a row that is not
+// 16-byte aligned reads, on purpose, the MIS elements before its first column that share its
+// first 16-byte block (one aligned 16-byte load; allowed and bounded: never more than 16 - the
+// element size bytes, never outside that block). The block lies inside the allocation whenever
+// the storage's base is 16-byte aligned, which every torch allocator guarantees (CUDA: 256 / 512
+// bytes, CPU: 64), so memcheck - which checks allocations - cannot report it; the emulator
+// checks it against the tensor's storage. After the row nothing is read: the heads of the next
+// blocks are loaded exactly (8 / 4 / 2-byte pieces), not rounded up to 8 bytes, so the last
+// pack of the last row of a storage that does not end on 16 bytes stays inside it.
+//
 // Device code only: CUDA through portability.cuh; the host launcher is csrc/cuda/shard_pass.cu.
 #pragma once
 
@@ -58,23 +69,23 @@ constexpr int kPartialFields = 8;  // m, rest, all, ent, distinct columns, NaN, 
 template <typename scalar_t, typename id_t>
 struct ShardArgs {
   using acc_t = acc_of<scalar_t>;
-  const scalar_t* logits;
+  gmem_ptr<const scalar_t> logits;
   RowMap rows;
   int64_t N, V, K;
-  const id_t* ids;         // [N, K]
-  const id_t* sorted;      // [N, K]: each row's ids sorted (stable), or null when K <= 1
-  const int64_t* order;    // [N, K]: their positions k
-  const int64_t* labels;   // [N] or null
+  gmem_ptr<const id_t> ids;         // [N, K]
+  gmem_ptr<const id_t> sorted;      // [N, K]: each row's ids sorted (stable), or null when K <= 1
+  gmem_ptr<const int64_t> order;    // [N, K]: their positions k
+  gmem_ptr<const int64_t> labels;   // [N] or null
   int64_t vocab_start;
   acc_t inv_t;             // fl(inv_temperature)
   acc_t c;                 // fl(inv_t * log2(e))
   double c_ln2_minus_inv_t;  // c * ln2 - inv_t in fp64: the relative rounding of c, times inv_t
   int64_t splits, chunk, bitmap_words;
-  acc_t* row_max;          // [N]
-  acc_t* sums;             // [N, 5]
-  acc_t* gathered;         // [N, K + L]
+  gmem_ptr<acc_t> row_max;          // [N]
+  gmem_ptr<acc_t> sums;             // [N, 5]
+  gmem_ptr<acc_t> gathered;         // [N, K + L]
   int64_t gathered_cols;   // K + L
-  acc_t* partials;         // [N, splits, kPartialFields] (split path only)
+  gmem_ptr<acc_t> partials;         // [N, splits, kPartialFields] (split path only)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -104,16 +115,17 @@ struct StreamState {
   // cm: the max of some new raw logits. Rare after the first packs of a row.
   __device__ __forceinline__ void raise(acc_t cm, acc_t c) {
     if (!(cm > zmax)) return;
-    const acc_t ns = max_ignore_nan(cm * c, lowest<acc_t>());
+    // (mul_rn: these products are kept and later added to; nvcc must not fuse them into the add)
+    const acc_t ns = max_ignore_nan(mul_rn(cm, c), lowest<acc_t>());
     if (zmax != neg_inf<acc_t>()) {  // (before: nothing but -inf / NaN, sums 0 or NaN)
       const acc_t d = shift - ns;
       const acc_t f = fast_exp2(d);
       if constexpr (kEnt) {
         // y' = y + d, e' = e 2^d:  sum e' y' = 2^d (sum e y + d sum_all e)
-        ent = fma_rn(d, rest + tsum, ent) * f;
-        tsum *= f;
+        ent = mul_rn(fma_rn(d, rest + tsum, ent), f);
+        tsum = mul_rn(tsum, f);
       }
-      rest *= f;
+      rest = mul_rn(rest, f);
     }
     zmax = cm;
     shift = ns;
@@ -174,13 +186,15 @@ struct StreamState {
     if (!(zmax > neg_inf<acc_t>() && zmax < pos_inf<acc_t>())) {
       return {zmax, rest, all, kEnt ? ent : acc_t(0)};
     }
-    const acc_t M = zmax * inv_t;
-    const double lnr = static_cast<double>(shift) * kLn2 - static_cast<double>(M) -
-                       static_cast<double>(zmax) * c_ln2_minus_inv_t;
+    // (mul_rn: M is stored as the row max and used below; every product that is added to is
+    // rounded on its own, as the emulator and the CPU kernel round it)
+    const acc_t M = mul_rn(zmax, inv_t);
+    const double lnr = mul_rn(static_cast<double>(shift), kLn2) - static_cast<double>(M) -
+                       mul_rn(static_cast<double>(zmax), c_ln2_minus_inv_t);
     const acc_t corr = static_cast<acc_t>(::exp(lnr));
     acc_t s2 = acc_t(0);
     if constexpr (kEnt) {
-      s2 = corr * (ent * static_cast<acc_t>(kLn2) + static_cast<acc_t>(lnr) * all);
+      s2 = corr * (mul_rn(ent, static_cast<acc_t>(kLn2)) + mul_rn(static_cast<acc_t>(lnr), all));
     }
     return {M, rest * corr, all * corr, s2};
   }
@@ -190,30 +204,47 @@ struct StreamState {
 // column (a multiple of 64, so at the row's column 0 too), whatever the row's address. zb is the
 // 16-byte aligned address MIS elements before the range's first column (MIS = the row's
 // misalignment). MIS == 0: one 16-byte load. Else the aligned block holding the pack's first
-// elements (16 bytes) and the next block's first MIS elements (one or two 8-byte loads, which
-// the neighbouring thread's 16-byte load brings into L1): 2-3 loads, the same bytes from DRAM.
-// Every aligned block touched holds an in-range element, so no access leaves the allocation.
+// elements (16 bytes) and exactly the next block's first MIS elements (MIS * sizeof bytes as
+// naturally aligned 8 / 4 / 2-byte pieces, which the neighbouring thread's 16-byte load brings
+// into L1): 2-4 loads, the same bytes from DRAM. Nothing past the range's last pack is read;
+// before the range, only the MIS elements that share its first aligned block (file comment).
+template <typename scalar_t, int N>
+__device__ __forceinline__ Pack<scalar_t, N> load_piece(gmem_ptr<const scalar_t> p) {
+  return *gmem_cast<const Pack<scalar_t, N>>(p);
+}
+
 template <int MIS, typename scalar_t, typename acc_t, int VEC>
-__device__ __forceinline__ void load_logical(const scalar_t* zb, int i, acc_t (&x)[VEC]) {
+__device__ __forceinline__ void load_logical(gmem_ptr<const scalar_t> zb, int i, acc_t (&x)[VEC]) {
   if constexpr (MIS == 0) {
     load_pack<acc_t, scalar_t, VEC>(zb + i * VEC, x);
   } else {
-    constexpr int H = 8 / static_cast<int>(sizeof(scalar_t));  // elements per 8-byte load
-    constexpr int NH = (MIS + H - 1) / H;                       // 8-byte loads for the head
-    using P8 = Pack<scalar_t, H>;
+    constexpr int S = static_cast<int>(sizeof(scalar_t));
+    constexpr int HB = MIS * S;                     // head bytes, < 16
+    constexpr int N8 = (HB & 8) ? 8 / S : 0;        // elements in the 8-byte piece
+    constexpr int N4 = (HB & 4) ? 4 / S : 0;        // ... the 4-byte piece
+    constexpr int N2 = (HB & 2) ? 2 / S : 0;        // ... the 2-byte piece (bf16 / fp16)
+    static_assert(N8 + N4 + N2 == MIS, "the pieces cover the head exactly");
     acc_t a[VEC];
     load_pack<acc_t, scalar_t, VEC>(zb + i * VEC, a);
-    const P8* next = reinterpret_cast<const P8*>(zb + (i + 1) * VEC);
-    P8 h[NH];
+    const gmem_ptr<const scalar_t> next = zb + (i + 1) * VEC;  // 16-byte aligned
+    scalar_t h[MIS];
+    if constexpr (N8 > 0) {
+      const auto p = load_piece<scalar_t, (N8 > 0 ? N8 : 1)>(next);
 #pragma unroll
-    for (int j = 0; j < NH; ++j) h[j] = next[j];
+      for (int j = 0; j < N8; ++j) h[j] = p.v[j];
+    }
+    if constexpr (N4 > 0) {
+      const auto p = load_piece<scalar_t, (N4 > 0 ? N4 : 1)>(next + N8);
+#pragma unroll
+      for (int j = 0; j < N4; ++j) h[N8 + j] = p.v[j];
+    }
+    if constexpr (N2 > 0) h[N8 + N4] = next[N8 + N4];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       if (e + MIS < VEC) {
         x[e] = a[e + MIS];
       } else {
-        const int k = e + MIS - VEC;
-        x[e] = static_cast<acc_t>(h[k / H].v[k % H]);
+        x[e] = static_cast<acc_t>(h[e + MIS - VEC]);
       }
     }
   }
@@ -232,7 +263,7 @@ __device__ __forceinline__ void load_logical(const scalar_t* zb, int i, acc_t (&
 // time, the aligned case pays nothing).
 template <typename scalar_t, bool kEnt, int MIS>
 __device__ __forceinline__ RowStat<acc_of<scalar_t>> stream_range(
-    const scalar_t* z, int64_t r0, int64_t r1, smem_ptr<const uint32_t> bm,
+    gmem_ptr<const scalar_t> z, int64_t r0, int64_t r1, smem_ptr<const uint32_t> bm,
     acc_of<scalar_t> inv_t, acc_of<scalar_t> c, double c_ln2_minus_inv_t) {
   using acc_t = acc_of<scalar_t>;
   constexpr int VEC = vec_of<scalar_t>();
@@ -244,7 +275,7 @@ __device__ __forceinline__ RowStat<acc_of<scalar_t>> stream_range(
   StreamState<acc_t, kEnt> st;
   st.init();
 
-  const scalar_t* zr = z + r0;
+  const gmem_ptr<const scalar_t> zr = z + r0;
   const int len = static_cast<int>(r1 - r0);
   const int npk = len / VEC;
   for (int j = npk * VEC + threadIdx.x; j < len; j += B) {  // the last len % VEC columns
@@ -253,7 +284,7 @@ __device__ __forceinline__ RowStat<acc_of<scalar_t>> stream_range(
     st.template add_masked<1>(x, (bm[j >> 5] >> (j & 31)) & 1u, c);
   }
 
-  const scalar_t* zb = zr - MIS;     // 16-byte aligned
+  const gmem_ptr<const scalar_t> zb = zr - MIS;  // 16-byte aligned
   const int wstride = B * VEC / 32;  // bitmap words between a thread's consecutive packs
   int i = threadIdx.x;
   acc_t x[U][VEC];
@@ -306,7 +337,7 @@ __device__ __forceinline__ RowStat<acc_of<scalar_t>> stream_range(
 
 template <typename scalar_t, bool kEnt, int MIS = 0>
 __device__ __forceinline__ RowStat<acc_of<scalar_t>> stream_range_any(
-    const scalar_t* z, int64_t r0, int64_t r1, smem_ptr<const uint32_t> bm,
+    gmem_ptr<const scalar_t> z, int64_t r0, int64_t r1, smem_ptr<const uint32_t> bm,
     acc_of<scalar_t> inv_t, acc_of<scalar_t> c, double c_ln2_minus_inv_t) {
   if constexpr (MIS + 1 < vec_of<scalar_t>()) {
     if (misalignment(z) != MIS) {
@@ -319,7 +350,7 @@ __device__ __forceinline__ RowStat<acc_of<scalar_t>> stream_range_any(
 
 // Does [r0, r1) of row z hold a NaN? (Only asked for a range whose max is +inf.) Block-uniform.
 template <typename scalar_t>
-__device__ __forceinline__ bool range_has_nan(const scalar_t* z, int64_t r0, int64_t r1) {
+__device__ __forceinline__ bool range_has_nan(gmem_ptr<const scalar_t> z, int64_t r0, int64_t r1) {
   int nan = 0;
   for (int64_t j = r0 + threadIdx.x; j < r1; j += blockDim.x) {
     const float x = static_cast<float>(z[j]);
@@ -340,9 +371,9 @@ __device__ __forceinline__ void finalize_row(const ShardArgs<scalar_t, id_t>& a,
                                              const RowStat<acc_t>& st, bool repeat, acc_t fresh,
                                              int nan, bool have_z0, scalar_t z0,
                                              smem_ptr<acc_t> red) {
-  const scalar_t* z = a.logits + a.rows.offset(n);
-  const id_t* ids = a.ids + n * a.K;
-  acc_t* x_out = a.gathered + n * a.gathered_cols;
+  const gmem_ptr<const scalar_t> z = a.logits + a.rows.offset(n);
+  const gmem_ptr<const id_t> ids = a.ids + n * a.K;
+  const gmem_ptr<acc_t> x_out = a.gathered + n * a.gathered_cols;
   const acc_t M = st.m;
   acc_t teach = acc_t(0), dup = acc_t(0);
   for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x) {
@@ -352,29 +383,31 @@ __device__ __forceinline__ void finalize_row(const ShardArgs<scalar_t, id_t>& a,
     acc_t x = acc_t(0);
     if (in) {
       const scalar_t raw = (have_z0 && k == threadIdx.x) ? z0 : z[c];
-      x = static_cast<acc_t>(raw) * a.inv_t;
+      // (mul_rn: x is stored and also summed below; a contracted x - M would disagree with the
+      // stored x that a row with a repeated id reads back, by |x| 2^-24)
+      x = mul_rn(static_cast<acc_t>(raw), a.inv_t);
       nan |= x != x;
-      if (!repeat) teach += precise_exp(x - M);
+      if (!repeat) teach = add_rn(teach, precise_exp(x - M));  // (add_rn: expf's last product)
     }
     x_out[k] = x;
   }
   if (repeat) {  // (block-uniform) first copy = lowest k, in the sorted order
     __syncthreads();  // the gathered values above are visible to the block
-    const id_t* sorted = a.sorted + n * a.K;
-    const int64_t* order = a.order + n * a.K;
+    const gmem_ptr<const id_t> sorted = a.sorted + n * a.K;
+    const gmem_ptr<const int64_t> order = a.order + n * a.K;
     for (int64_t p = threadIdx.x; p < a.K; p += blockDim.x) {
       const int64_t id = static_cast<int64_t>(sorted[p]);
       const int64_t c = id - a.vocab_start;
       if (id < 0 || c < 0 || c >= a.V) continue;
       const acc_t e = precise_exp(x_out[order[p]] - M);
-      if (first_in_run(sorted, p)) teach += e;
-      else dup += e;
+      if (first_in_run(sorted, p)) teach = add_rn(teach, e);
+      else dup = add_rn(dup, e);
     }
   }
   if (a.gathered_cols > a.K && threadIdx.x == blockDim.x - 1) {  // the label's logit
     const int64_t c = a.labels[n] - a.vocab_start;
     const bool in = a.labels[n] >= 0 && c >= 0 && c < a.V;
-    x_out[a.K] = in ? static_cast<acc_t>(z[c]) * a.inv_t : acc_t(0);
+    x_out[a.K] = in ? mul_rn(static_cast<acc_t>(z[c]), a.inv_t) : acc_t(0);
   }
   acc_t v[4] = {teach, dup, fresh, static_cast<acc_t>(nan)};
   block_sum_n<4>(v, red);
@@ -384,7 +417,7 @@ __device__ __forceinline__ void finalize_row(const ShardArgs<scalar_t, id_t>& a,
     // none; the count of distinct columns does not depend on the logits (as the CPU kernel).
     const bool row_nan = v[3] != acc_t(0);
     const acc_t qn = quiet_nan<acc_t>();
-    acc_t* s = a.sums + n * 5;
+    const gmem_ptr<acc_t> s = a.sums + n * 5;
     a.row_max[n] = row_nan ? qn : M;
     s[0] = row_nan ? qn : st.rest;
     s[1] = row_nan ? (v[2] > acc_t(0) ? qn : acc_t(0)) : v[0];
@@ -401,15 +434,15 @@ __global__ void __launch_bounds__(kShardPassMaxThreads, stream_min_blocks<scalar
   const smem_ptr<uint32_t> bm = dynamic_shared_memory<uint32_t>();
   TD_SHARED_ARRAY(acc_t, red, 4 * 32);
 
-  zero_bitmap(bm, a.bitmap_words);
   const bool split = a.splits > 1;
   const unsigned work = static_cast<unsigned>(a.N * a.splits);  // < 2^31 (host check)
   for (unsigned w = blockIdx.x; w < work; w += gridDim.x) {  // (+ gridDim <= 2^30: no wrap)
     const auto [n, sp] = work_item(w, a.splits);
     const int64_t r0 = sp * a.chunk, r1 = std::min(a.V, r0 + a.chunk);
-    const scalar_t* z = a.logits + a.rows.offset(n);
-    const id_t* ids = a.ids + n * a.K;
-    constexpr int sh = 0;  // (bit j = column r0 + j: logical packs, see stream_range)
+    const gmem_ptr<const scalar_t> z = a.logits + a.rows.offset(n);
+    const gmem_ptr<const id_t> ids = a.ids + n * a.K;
+    constexpr int sh = 0;
+    zero_bitmap(bm, a.bitmap_words);  // (one writer per word; ends with a barrier)  // (bit j = column r0 + j: logical packs, see stream_range)
 
     // 1. marks (and, for a whole row, the first teacher logit's load: in flight during the stream)
     acc_t fresh = acc_t(0);
@@ -433,12 +466,11 @@ __global__ void __launch_bounds__(kShardPassMaxThreads, stream_min_blocks<scalar
     st = block_merge_stat(st, red);
     int nan = (st.rest != st.rest) || (st.all != st.all) || (st.ent != st.ent);
     if (st.m == pos_inf<acc_t>()) nan = range_has_nan(z, r0, r1);  // (block-uniform)
-    clear_teacher_columns(bm, ids, a.K, a.vocab_start, r0, r1, sh);
 
     if (split) {
       const acc_t count = block_sum(fresh, red);
       if (threadIdx.x == 0) {
-        acc_t* p = a.partials + static_cast<int64_t>(w) * kPartialFields;
+        const gmem_ptr<acc_t> p = a.partials + static_cast<int64_t>(w) * kPartialFields;
         p[0] = st.m;
         p[1] = st.rest;
         p[2] = st.all;
@@ -451,7 +483,7 @@ __global__ void __launch_bounds__(kShardPassMaxThreads, stream_min_blocks<scalar
     } else {
       finalize_row<kEnt>(a, n, st, repeat, fresh, threadIdx.x == 0 ? nan : 0, true, z0, red);
     }
-    __syncthreads();  // clears done before the next row's marks
+    __syncthreads();  // every bitmap read done before the next row's zeroing
   }
 }
 
@@ -462,12 +494,12 @@ __global__ void __launch_bounds__(kShardCombineThreads)
   using acc_t = acc_of<scalar_t>;
   TD_SHARED_ARRAY(acc_t, red, 4 * 32);
   for (int64_t n = blockIdx.x; n < a.N; n += gridDim.x) {
-    const acc_t* part = a.partials + n * a.splits * kPartialFields;
+    const gmem_ptr<const acc_t> part = a.partials + n * a.splits * kPartialFields;
     RowStat<acc_t> st = identity_stat<acc_t>();
     acc_t fresh = acc_t(0);
     int nan = 0, rep = 0;
     for (int64_t sp = threadIdx.x; sp < a.splits; sp += blockDim.x) {
-      const acc_t* p = part + sp * kPartialFields;
+      const gmem_ptr<const acc_t> p = part + sp * kPartialFields;
       st = merge_stat(st, RowStat<acc_t>{p[0], p[1], p[2], p[3]});
       fresh += p[4];
       nan |= p[5] != acc_t(0);

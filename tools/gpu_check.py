@@ -1,6 +1,6 @@
 """Everything to do on the day a GPU is lent, as one prepared command (``make gpu-check``).
 
-    python -m benchmarks.gpu_check --out DIR [--budget-s 520]
+    python -m tools.gpu_check --out DIR [--budget-s 520]
 
 Runs on the GPU machine's own Python and torch (nothing is installed: the machine may have no
 package registry), in this order, each step with its own time limit so that the whole stays
@@ -93,14 +93,16 @@ def sanitizer_workload():
             labels = torch.randint(0, v, (n,), generator=g)
             for inplace in (False, True):
                 leaf = z.clone().requires_grad_(True)
-                out = td.topk_distill_loss(leaf, ids.cuda(), lp.cuda(), loss="jsd", support="tail",
+                # inplace_backward needs an intermediate (it refuses a leaf that requires grad)
+                x = leaf * 1 if inplace else leaf
+                out = td.topk_distill_loss(x, ids.cuda(), lp.cuda(), loss="jsd", support="tail",
                                            log_prob_min_clamp=-9.0, inplace_backward=inplace,
                                            labels=labels.cuda(), return_entropy=True,
                                            student_topk=min(k, 64))
                 (out.loss + out.label_logprobs.sum() + out.entropy.sum()).backward()
         # 3-D strided logits: response positions of a [B, T + 1, V] tensor, a loss mixture
         big = torch.randn(2, 9, 4001, generator=g).to(dtype).cuda()
-        x = big[:, :-1].detach().requires_grad_(True)
+        x = big.requires_grad_(True).mul(1)[:, :-1]  # a view of an intermediate (in place)
         ids3 = torch.randint(0, 4001, (2, 8, 16), generator=g).cuda()
         lp3 = torch.log_softmax(torch.randn(2, 8, 16, generator=g), -1).cuda()
         td.topk_distill_loss(x, ids3, lp3, loss=[("fkl", "topk", 0.9), ("rkl", "renorm", 0.1)],
@@ -170,7 +172,7 @@ def main(argv=None):
             steps["sanitizer"][tool] = ("compute-sanitizer not found", 0.0)
             continue
         steps["sanitizer"][tool] = run(
-            [sanitizer, "--tool", tool, "--error-exitcode", "3", py, "-m", "benchmarks.gpu_check",
+            [sanitizer, "--tool", tool, "--error-exitcode", "3", py, "-m", "tools.gpu_check",
              "--out", str(out), "--sanitizer-workload"], san_log, per_tool, env=env)
 
     # 5. benchmark (its own files go to a scratch folder; summary.json embeds them)

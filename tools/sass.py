@@ -1,4 +1,4 @@
-"""``python -m benchmarks.sass``: a static instruction budget of the CUDA kernels, no GPU needed.
+"""``python -m tools.sass``: a static instruction budget of the CUDA kernels, no GPU needed.
 
 What it does, per ``csrc/cuda/*.cu`` file (the host launcher files; the device code they include
 comes along):
@@ -33,9 +33,9 @@ comes along):
 Writes ``benchmarks/results/sass_sm90.json`` and ``.md`` (``sass_<arch>``) (``--out`` to change), stamped with
 the nvcc version, the disassembler, the git commit and the command.
 
-    python -m benchmarks.sass                    # all kernels, sm_90
-    python -m benchmarks.sass --files shard_pass # only the .cu files whose name contains this
-    python -m benchmarks.sass --show shard_pass_kernel --dtype bf16   # print the hot loop SASS
+    python -m tools.sass                    # all kernels, sm_90
+    python -m tools.sass --files shard_pass # only the .cu files whose name contains this
+    python -m tools.sass --show shard_pass_kernel --dtype bf16   # print the hot loop SASS
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_ARCH = "sm_90"
 
 # ----------------------------------------------------------------------------- the model
@@ -1217,7 +1217,7 @@ def print_loop(r: Dict, kernel: str, dtype: Optional[str]):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.sass", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.sass", description=__doc__.split("\n")[0])
     p.add_argument("--arch", default=DEFAULT_ARCH, help="real architecture (default sm_90)")
     p.add_argument("--files", default="", help="only the .cu files whose name contains this")
     p.add_argument("--out", default=str(RESULTS), help="results directory")
@@ -1240,12 +1240,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         report = analyse(sources, args.arch, jobs=args.jobs, force=args.force,
                          disassembler=args.disassembler)
     except ToolError as e:
-        print(f"benchmarks.sass: {e}", file=sys.stderr)
+        print(f"tools.sass: {e}", file=sys.stderr)
         return 2
     if args.show:
         print_loop(report, args.show, args.dtype)
-    from .common import git_commit  # (imports torch: only for the stamp)
-    env = {"commit": git_commit(), "command": " ".join(["python", "-m", "benchmarks.sass"] +
+    from benchmarks.common import git_commit  # (imports torch: only for the stamp)
+    env = {"commit": git_commit(), "command": " ".join(["python", "-m", "tools.sass"] +
                                                       arg_list),
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     md = render_markdown(report, env)
