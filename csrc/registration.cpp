@@ -82,8 +82,8 @@ void define_ops(torch::Library& m) {
       " Tensor teacher_logprobs, Tensor? mask, Tensor? labels, int vocab_size, str[] loss,"
       " str[] support, float[] weight, float[] beta, float[] rkl_ratio, float[] skew,"
       " float? log_prob_min_clamp, float loss_scale, bool with_entropy,"
-      " Tensor? label_teacher_logprobs, Tensor? label_sample_logprobs,"
-      " float? sample_weight_clip, bool drop_missing_label)"
+      " Tensor? label_teacher_logprobs=None, Tensor? label_sample_logprobs=None,"
+      " float? sample_weight_clip=None, bool drop_missing_label=False)"
       " -> (Tensor loss, Tensor student_mass, Tensor teacher_mass, Tensor label_logprobs,"
       " Tensor entropy, Tensor row_coefs, Tensor grad_logprobs)");
 

@@ -48,6 +48,8 @@ STANDINS = {
     "orjson": (),                                                    # verl/utils/tracking.py
     "datasets": ("Dataset",),                                        # verl/utils/dataset/rl_dataset.py
     "pandas": (),                                                    # verl/utils/dataset/rm_dataset.py
+    "PIL": (),                                                       # verl/utils/dataset/rl_dataset.py
+    "PIL.Image": ("Image",),                                         # (Image.Image in an annotation)
 }
 
 # The verl modules the tests use.

@@ -261,7 +261,7 @@ def check_epilogue(dev, stats, args, *, decomposition=True):
     got = [t.cpu() for t in dev.run("epilogue", row_max, sums, gathered, *args)]
     n, k = args[0].shape
     acc = row_max.dtype
-    for t, name, s, d in zip(got, EPILOGUE_NAMES, [(n,)] * 5 + [(n, 6), (n, k)],
+    for t, name, s, d in zip(got, EPILOGUE_NAMES, [(n,)] * 5 + [(n, 7), (n, k)],
                              [acc, torch.float32, torch.float32, acc, acc, F64, F64]):
         assert tuple(t.shape) == s and t.dtype == d, (name, t.shape, t.dtype)
     cpu = cpu_op("epilogue", row_max, sums, gathered, *args)
