@@ -5,9 +5,23 @@ A test parametrised with ``device="cuda_emu"`` (tests/_inputs.py DEVICES), or wi
 emulator: its tensors live on the CPU and the ``emulated_cuda`` backend (topk_distill.ops) is
 selected here for the test's duration.
 """
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 
-from topk_distill import ops
+# A fresh torch.compile (inductor) cache for every test session: inductor's on-disk cache does not
+# key on a custom op's fake kernel, so a graph compiled before a change of an output's shape (the
+# epilogue's row_coefs grew from 6 to 7 columns) is reloaded and fails its own size assertions.
+# Set before topk_distill / torch compile anything; TP workers inherit it.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _inductor_cache = tempfile.mkdtemp(prefix="topk_distill_inductor_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _inductor_cache
+    atexit.register(shutil.rmtree, _inductor_cache, ignore_errors=True)
+
+from topk_distill import ops  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
