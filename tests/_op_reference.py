@@ -232,7 +232,9 @@ def backward_ref(logits, teacher_ids, labels, row_max, row_coefs, grad_logprobs,
     ids = teacher_ids.detach().cpu().long().reshape(n, -1)
     rc, g = cpu(row_coefs), cpu(grad_logprobs)
     M = cpu(row_max)
-    log_sum, dense, outside, H, lfac, efac = rc.unbind(-1)
+    # column 6 (the sampled entry's dL/ds_y) is not the backward op's: losses.py folds it into
+    # the label's upstream gradient before the call
+    log_sum, dense, outside, H, lfac, efac = rc.unbind(-1)[:6]
     gl = cpu(grad_rows)
     gy_up = torch.zeros(n, dtype=F64) if grad_label is None else cpu(grad_label)
     gh_up = torch.zeros(n, dtype=F64) if grad_entropy is None else cpu(grad_entropy)
