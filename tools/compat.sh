@@ -43,7 +43,7 @@ if [ ! -x "$PY" ]; then
 fi
 # requirements-dev.txt's pins, less torch (ours is $VER) and setuptools (each torch bounds it).
 pins() { grep -vE '^\s*(#|$)' requirements-dev.txt | grep -viE '^(torch|setuptools)\b' | \
-         { if [ "$MODE" = all ]; then cat; else grep -iE '^(wheel|ninja|numpy|pytest|hypothesis)\b'; fi; }; }
+         { if [ "$MODE" = all ]; then cat; else grep -iE '^(wheel|ninja|numpy|pytest|hypothesis|megatron-core)\b'; fi; }; }
 want="torch==$VER $(pins | tr '\n' ' ')|$(cat requirements-nodeps.txt | grep -vE '^\s*(#|$)' | tr '\n' ' ')"
 stamp="$ENV_DIR/.deps-$MODE"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
