@@ -6,13 +6,15 @@ import pytest
 
 from benchmarks import common
 
-WRITERS = ["bench", "comm", "features", "fused_linear", "verl_bench", "repeated_ids", "profile",
-           "sass", "cuda_bench", "import_time", "gpu_check"]
+WRITERS = ["benchmarks.bench", "benchmarks.comm", "benchmarks.features",
+           "benchmarks.fused_linear", "benchmarks.verl_bench", "benchmarks.repeated_ids",
+           "benchmarks.profile", "benchmarks.cuda_bench", "benchmarks.import_time",
+           "benchmarks.trl_bench", "benchmarks.trl_accuracy", "tools.sass", "tools.gpu_check"]
 
 
 @pytest.mark.parametrize("name", WRITERS)
 def test_every_results_writer_takes_out(name, capsys):
-    module = importlib.import_module(f"benchmarks.{name}")
+    module = importlib.import_module(name)
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])
     assert exit_info.value.code == 0

@@ -794,7 +794,8 @@ DET_CONFIGS = [dict(loss="jsd", support="tail"), dict(loss="rkl", support="topk"
 
 def _det_run(z, ids, lp, mask, kw, inplace=False):
     leaf = z.clone().requires_grad_(True)
-    out = td.topk_distill_loss(leaf, ids, lp, mask=mask, reduction="none", inplace_backward=inplace, **kw)
+    x = leaf * 1 if inplace else leaf  # in place needs an intermediate (a leaf is refused)
+    out = td.topk_distill_loss(x, ids, lp, mask=mask, reduction="none", inplace_backward=inplace, **kw)
     (g,) = torch.autograd.grad(out.loss.sum(), leaf)
     mean = td.topk_distill_loss(z, ids, lp, mask=mask, **kw).loss
     return out.loss.detach(), out.student_mass, out.teacher_mass, g.clone(), mean.detach()
@@ -1014,7 +1015,8 @@ def test_soak_no_memory_growth():
     def one_pass():
         for z, ids, lp, (loss, support), inplace in data:
             leaf = z.clone().requires_grad_(True)
-            out = td.topk_distill_loss(leaf, ids, lp, loss=loss, support=support,
+            x = leaf * 1 if inplace else leaf  # in place needs an intermediate (a leaf is refused)
+            out = td.topk_distill_loss(x, ids, lp, loss=loss, support=support,
                                        inplace_backward=inplace, log_prob_min_clamp=-15.0)
             out.loss.backward()
             assert leaf.grad is not None
