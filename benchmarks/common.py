@@ -104,6 +104,34 @@ def write_results(stem: str, doc: dict, markdown: str, out_dir=RESULTS) -> Path:
     return out
 
 
+def status_bytes(field: str) -> int:
+    """A byte count of this process from /proc/self/status (``"VmRSS:"``, ``"VmHWM:"``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def run_child(module: str, argv: List[str]) -> Dict:
+    """``python -m module *argv`` from the repository root, one measurement per fresh process
+    (a clean allocator and peak RSS); returns the JSON dict its last stdout line prints, or
+    ``{"error": its last output line}``."""
+    cmd = [sys.executable, "-m", module, *argv]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONWARNINGS="ignore")
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO), env=env)
+    if res.returncode != 0:
+        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["?"]
+        return {"error": tail[0][:300]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def cell(row: Dict, key: str, fmt: str = "{:.0f}") -> str:
+    """A results-table cell: ``row[key]`` formatted, ``-`` when missing."""
+    return fmt.format(row[key]) if row.get(key) is not None else "-"
+
+
 def _loadavg():
     """1-minute load average (a shared machine's background load makes timings noisy)."""
     try:

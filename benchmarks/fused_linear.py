@@ -35,6 +35,8 @@ import time
 
 import torch
 
+from . import common
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 METHODS = ("fused", "unfused", "plain", "gemms", "gemms_chunked")
@@ -44,14 +46,6 @@ CUDA_SHAPES = ["4096x32000x4096", "16384x32000x4096", "16384x128256x4096"]
 
 
 # ----------------------------------------------------------------------------- one measurement
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
 
 def _inputs(n, v, h, dtype, device):
     g = torch.Generator().manual_seed(0)
@@ -119,7 +113,7 @@ def measure(method, n, v, h, dtype_name, device, reps, chunk_size):
     else:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current resident set
-        before = _status_bytes("VmRSS:")
+        before = common.status_bytes("VmRSS:")
     times, cpu_times = [], []
     for _ in range(reps):
         sync()
@@ -131,7 +125,7 @@ def measure(method, n, v, h, dtype_name, device, reps, chunk_size):
         if not method.startswith("gemms"):  # drop .grad, so every rep starts from the same memory
             for t in args[:3]:
                 t.grad = None
-    peak = (torch.cuda.max_memory_allocated(device) if cuda else _status_bytes("VmHWM:")) - before
+    peak = (torch.cuda.max_memory_allocated(device) if cuda else common.status_bytes("VmHWM:")) - before
     return {"time_ms": 1e3 * statistics.median(times), "times_ms": [1e3 * t for t in times],
             "cpu_time_ms": 1e3 * statistics.median(cpu_times), "peak_extra_mb": peak / 2 ** 20}
 

@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Dict, List
@@ -46,14 +45,6 @@ SEQS = 8
 CHUNK = 256  # TRL's _CHUNKED_LM_HEAD_CHUNK_SIZE
 SOFTCAP = 30.0
 TEMPERATURE = 0.9
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def _server_step(method, n, v, k, device):
@@ -134,7 +125,7 @@ def measure(method, n, v, k, h, device_name, reps, warmup) -> Dict:
     if rss:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS
-        rss_before = _status_bytes("VmRSS:")
+        rss_before = common.status_bytes("VmRSS:")
     both, cpu, loss_value = [], [], None
     for _ in range(reps):
         clear()
@@ -147,7 +138,7 @@ def measure(method, n, v, k, h, device_name, reps, warmup) -> Dict:
         cpu.append((time.process_time() - c0) * 1e3)
         loss_value = float(loss)
         del loss
-    peak_rss = (_status_bytes("VmHWM:") - rss_before) if rss else None
+    peak_rss = (common.status_bytes("VmHWM:") - rss_before) if rss else None
     clear()
     peak = common.peak_memory_fwd_bwd(forward, x, device)
     med = statistics.median
@@ -157,19 +148,9 @@ def measure(method, n, v, k, h, device_name, reps, warmup) -> Dict:
 
 
 def _run_child(method, v, args, device_name):
-    cmd = [sys.executable, "-m", "benchmarks.trl_bench", "--child", method, str(args.n), str(v),
-           str(args.k), str(args.h), device_name, str(args.reps), str(args.warmup)]
-    env = dict(os.environ, PYTHONPATH=str(common.REPO) + os.pathsep
-               + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore")
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=str(common.REPO), env=env)
-    if res.returncode != 0:
-        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["?"]
-        return {"error": tail[0][:300]}
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-def _cell(row, key, fmt="{:.0f}"):
-    return fmt.format(row[key]) if row.get(key) is not None else "-"
+    return common.run_child("benchmarks.trl_bench", [
+        "--child", method, str(args.n), str(v), str(args.k), str(args.h), device_name,
+        str(args.reps), str(args.warmup)])
 
 
 def write_results(device, rows: List[Dict], meta: Dict, out_dir) -> None:
@@ -209,9 +190,9 @@ def write_results(device, rows: List[Dict], meta: Dict, out_dir) -> None:
         t_ratio = f"{r[tkey] / trl[tkey]:.2f}x" if trl else "-"
         m_ratio = (f"{r['peak_alloc_mb'] / trl['peak_alloc_mb']:.3f}x"
                    if trl and trl["peak_alloc_mb"] else "-")
-        lines.append(f"| {r['V']} | {r['method']} | {_cell(r, 'ms_fwd_bwd')} | "
-                     f"{_cell(r, 'cpu_ms_fwd_bwd')} | {t_ratio} | {_cell(r, 'peak_alloc_mb')} | "
-                     f"{_cell(r, 'peak_rss_mb')} | {m_ratio} | {r['loss']:.6f} |")
+        lines.append(f"| {r['V']} | {r['method']} | {common.cell(r, 'ms_fwd_bwd')} | "
+                     f"{common.cell(r, 'cpu_ms_fwd_bwd')} | {t_ratio} | {common.cell(r, 'peak_alloc_mb')} | "
+                     f"{common.cell(r, 'peak_rss_mb')} | {m_ratio} | {r['loss']:.6f} |")
     with open(base + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

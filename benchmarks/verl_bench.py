@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Dict, List
@@ -117,14 +116,6 @@ def _forward_for(method, fsdp, cfg_mod, k):
 
 # ----------------------------------------------------------------------------- one measurement
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
 def measure(method, n, v, k, dtype_name, device_name, reps, warmup) -> Dict:
     device = torch.device(device_name)
     cuda = device.type == "cuda"
@@ -143,7 +134,7 @@ def measure(method, n, v, k, dtype_name, device_name, reps, warmup) -> Dict:
     if rss:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS
-        rss_before = _status_bytes("VmRSS:")
+        rss_before = common.status_bytes("VmRSS:")
     fwd, bwd, both, cpu = [], [], [], []
     for _ in range(reps):
         x.grad = None
@@ -160,7 +151,7 @@ def measure(method, n, v, k, dtype_name, device_name, reps, warmup) -> Dict:
         bwd.append((t2 - t1) * 1e3)
         both.append((t2 - t0) * 1e3)
         cpu.append((c2 - c0) * 1e3)
-    peak_rss = (_status_bytes("VmHWM:") - rss_before) if rss else None
+    peak_rss = (common.status_bytes("VmHWM:") - rss_before) if rss else None
     x.grad = None
     peak = common.peak_memory_fwd_bwd(forward, x, device)
     med = statistics.median
@@ -173,19 +164,9 @@ def measure(method, n, v, k, dtype_name, device_name, reps, warmup) -> Dict:
 # ----------------------------------------------------------------------------- orchestration
 
 def _run_child(method, args, dtype_name, device_name):
-    cmd = [sys.executable, "-m", "benchmarks.verl_bench", "--child", method, str(args.n),
-           str(args.v), str(args.k), dtype_name, device_name, str(args.reps), str(args.warmup)]
-    env = dict(os.environ, PYTHONPATH=str(common.REPO) + os.pathsep
-               + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore")
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=str(common.REPO), env=env)
-    if res.returncode != 0:
-        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["?"]
-        return {"error": tail[0][:300]}
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-def _cell(row, key, fmt="{:.0f}"):
-    return fmt.format(row[key]) if row.get(key) is not None else "-"
+    return common.run_child("benchmarks.verl_bench", [
+        "--child", method, str(args.n), str(args.v), str(args.k), dtype_name, device_name,
+        str(args.reps), str(args.warmup)])
 
 
 def write_results(device, rows: List[Dict], meta: Dict, out_dir) -> None:
@@ -233,10 +214,10 @@ def write_results(device, rows: List[Dict], meta: Dict, out_dir) -> None:
         t_ratio = f"{r[tkey] / base_row[tkey]:.2f}x" if base_row else "-"
         m_ratio = (f"{r['peak_alloc_mb'] / base_row['peak_alloc_mb']:.2f}x"
                    if base_row and base_row["peak_alloc_mb"] else "-")
-        lines.append(f"| {r['dtype']} | {r['method']} | {_cell(r, 'ms_fwd')} | "
-                     f"{_cell(r, 'ms_bwd')} | {_cell(r, 'ms_fwd_bwd')} | "
-                     f"{_cell(r, 'cpu_ms_fwd_bwd')} | {t_ratio} | {_cell(r, 'peak_alloc_mb')} | "
-                     f"{_cell(r, 'peak_rss_mb')} | {m_ratio} |")
+        lines.append(f"| {r['dtype']} | {r['method']} | {common.cell(r, 'ms_fwd')} | "
+                     f"{common.cell(r, 'ms_bwd')} | {common.cell(r, 'ms_fwd_bwd')} | "
+                     f"{common.cell(r, 'cpu_ms_fwd_bwd')} | {t_ratio} | {common.cell(r, 'peak_alloc_mb')} | "
+                     f"{common.cell(r, 'peak_rss_mb')} | {m_ratio} |")
     with open(base + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
