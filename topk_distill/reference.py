@@ -457,7 +457,9 @@ def topk_distill_loss(logits, teacher_ids, teacher_logprobs, *, loss="fkl", supp
         labels=labels, return_entropy=return_entropy, student_topk=student_topk,
         missing_teacher=missing_teacher, label_teacher_logprobs=label_teacher_logprobs,
         label_sample_logprobs=label_sample_logprobs, sample_weight_clip=sample_weight_clip)
-    opts, n, k, lead = args.options, args.n_rows, args.k, args.lead_shape
+    # args has every Options field: read them off args itself, not its .options property -
+    # dynamo of torch 2.9 cannot inline a property of a NamedTuple (a fullgraph graph break).
+    opts, n, k, lead = args, args.n_rows, args.k, args.lead_shape
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
 
     z = logits.reshape(n, args.local_vocab).to(dtype)
