@@ -72,6 +72,16 @@ def test_prepare_metadata_fallback_names_the_dist_info(tmp_path, monkeypatch):
     assert "Version: 1.2.3" in (tmp_path / "meta" / name / "METADATA").read_text()
 
 
+def test_requires_txt_becomes_requires_dist():
+    # setuptools < 68 (a fresh Python 3.11 venv's 65.5) writes no Requires-Dist into PKG-INFO;
+    # the fallback takes them from requires.txt, as `wheel` would.
+    txt = ("torch>=2.9\n\n[dev]\npytest\n\n[:python_version < \"3.10\"]\nb\n"
+           "[x:os_name == \"nt\"]\nc; platform_machine == \"y\" or python_version > \"3\"\n")
+    assert build_backend.requires_dist(txt) == [
+        "torch>=2.9", 'pytest; extra == "dev"', 'b; (python_version < "3.10")',
+        'c; (platform_machine == "y" or python_version > "3") and extra == "x" and (os_name == "nt")']
+
+
 def test_backend_is_setuptools_where_setuptools_makes_wheels():
     from setuptools import build_meta
 

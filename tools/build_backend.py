@@ -63,11 +63,38 @@ def write_dist_info(project: Path, dest: Path) -> Path:
         _setup_py(project, "-q", "egg_info", "--egg-base", tmp)
         (egg,) = Path(tmp).glob("*.egg-info")
         pkg_info = (egg / "PKG-INFO").read_text(encoding="utf-8")
+        requires = egg / "requires.txt"
+        requires = requires.read_text(encoding="utf-8") if requires.is_file() else ""
     meta = Parser().parsestr(pkg_info)
+    if "Requires-Dist" not in meta:  # setuptools < 68 keeps them in requires.txt only
+        head, sep, body = pkg_info.partition("\n\n")
+        lines = [f"Requires-Dist: {r}" for r in requires_dist(requires)]
+        pkg_info = "\n".join([head.rstrip("\n"), *lines]) + "\n" + (sep[1:] + body if sep else "")
     name = _normalise(meta["Name"])
     out = dest / f"{name}-{meta['Version']}.dist-info"
     out.mkdir(parents=True, exist_ok=True)
     (out / "METADATA").write_text(pkg_info, encoding="utf-8")
+    return out
+
+
+def requires_dist(requires_txt: str) -> list:
+    """egg-info ``requires.txt`` -> Requires-Dist values: a section ``[extra]``,
+    ``[extra:marker]`` or ``[:marker]`` puts ``extra == "..."`` and / or its marker on the
+    requirements below it."""
+    out, marker = [], ""
+    for line in requires_txt.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            extra, _, cond = line[1:-1].partition(":")
+            parts = ([f'extra == "{extra}"'] if extra else []) + ([f"({cond})"] if cond else [])
+            marker = " and ".join(parts)
+            continue
+        if marker:
+            req, _, own = line.partition(";")
+            line = f"{req.strip()}; ({own.strip()}) and {marker}" if own else f"{req}; {marker}"
+        out.append(line)
     return out
 
 
