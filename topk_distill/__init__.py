@@ -14,8 +14,8 @@ import torch as _torch
 # SPEC 10.1: the torch releases this package is tested with (docs/BUILD.md, "Tested with"); the
 # floor is pyproject.toml's `torch>=` too. Older torch lacks APIs the package uses, and its
 # extension would fail to load with a less clear message.
-TORCH_FLOOR = (2, 11)
-TESTED_TORCH = "2.11.0 and 2.14.1"
+TORCH_FLOOR = (2, 9)
+TESTED_TORCH = "2.9.1, 2.10.0, 2.11.0, 2.14.1 and 2.15.0"
 
 
 def _check_torch_version(version: str) -> None:
