@@ -154,11 +154,6 @@ def _run_child(method, v, args, device_name):
 
 
 def write_results(device, rows: List[Dict], meta: Dict, out_dir) -> None:
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    base = os.path.join(out_dir, f"trl_{device}")
-    with open(base + ".json", "w") as f:
-        json.dump({**meta, "rows": rows}, f, indent=2)
     cpu = device == "cpu"
     tkey = "cpu_ms_fwd_bwd" if cpu else "ms_fwd_bwd"
     lines = [f"# TRL {meta['trl']} distillation loss paths vs the topk-distill drop-in - {device}",
@@ -193,10 +188,9 @@ def write_results(device, rows: List[Dict], meta: Dict, out_dir) -> None:
         lines.append(f"| {r['V']} | {r['method']} | {common.cell(r, 'ms_fwd_bwd')} | "
                      f"{common.cell(r, 'cpu_ms_fwd_bwd')} | {t_ratio} | {common.cell(r, 'peak_alloc_mb')} | "
                      f"{common.cell(r, 'peak_rss_mb')} | {m_ratio} | {r['loss']:.6f} |")
-    with open(base + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"\nwrote {base}.json and {base}.md")
+    common.write_results(f"trl_{device}", {**meta, "rows": rows}, "\n".join(lines) + "\n",
+                         out_dir)
 
 
 def main(argv=None):

@@ -170,11 +170,6 @@ def _run_child(method, args, dtype_name, device_name):
 
 
 def write_results(device, rows: List[Dict], meta: Dict, out_dir) -> None:
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    base = os.path.join(out_dir, f"verl_{device}")
-    with open(base + ".json", "w") as f:
-        json.dump({**meta, "rows": rows}, f, indent=2)
     cpu = device == "cpu"
     lines = [f"# verl FSDP top-k distillation loss vs the topk-distill drop-in - {device}", "",
              f"- device: {meta['device']}", f"- torch: {meta['torch']}, verl: {meta['verl']}"
@@ -218,10 +213,9 @@ def write_results(device, rows: List[Dict], meta: Dict, out_dir) -> None:
                      f"{common.cell(r, 'ms_bwd')} | {common.cell(r, 'ms_fwd_bwd')} | "
                      f"{common.cell(r, 'cpu_ms_fwd_bwd')} | {t_ratio} | {common.cell(r, 'peak_alloc_mb')} | "
                      f"{common.cell(r, 'peak_rss_mb')} | {m_ratio} |")
-    with open(base + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"\nwrote {base}.json and {base}.md")
+    common.write_results(f"verl_{device}", {**meta, "rows": rows}, "\n".join(lines) + "\n",
+                         out_dir)
 
 
 def main(argv=None):
