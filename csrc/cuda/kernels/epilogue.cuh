@@ -94,10 +94,15 @@ __device__ __forceinline__ void epilogue_one_row(const Lanes& lanes,
   }
 }
 
+// Both kernels say "at least 1 block per SM" (__launch_bounds__'s second argument): without it
+// nvcc 13.0's ptxas capped the epilogue at 128 registers for sm_100 and spilled 12-36 bytes per
+// thread; with it, 162-170 registers and no spills on sm_100 (sm_90: unchanged, no spills), at
+// 1 block (8 warps) per SM for this O(N K) kernel (make sass: benchmarks/results/sass_sm100.md).
+//
 // One warp per row. A warp's row index is uniform across its lanes, so the whole warp enters
 // or leaves the loop together (the shuffles in WarpLanes need all 32 lanes).
 template <typename acc_t, typename id_t, typename lp_t>
-__global__ void __launch_bounds__(kEpilogueThreads)
+__global__ void __launch_bounds__(kEpilogueThreads, 1)
     epilogue_warp_kernel(const EpilogueArgs<acc_t, id_t, lp_t> a) {
   const int lane = threadIdx.x & 31;
   const int64_t warps_per_block = blockDim.x >> 5;
@@ -109,7 +114,7 @@ __global__ void __launch_bounds__(kEpilogueThreads)
 
 // One block per row (large K).
 template <typename acc_t, typename id_t, typename lp_t>
-__global__ void __launch_bounds__(kEpilogueThreads)
+__global__ void __launch_bounds__(kEpilogueThreads, 1)
     epilogue_block_kernel(const EpilogueArgs<acc_t, id_t, lp_t> a) {
   TD_SHARED_OBJECT(BlockScratch, scratch);
   const BlockLanes lanes{&scratch};
