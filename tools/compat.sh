@@ -6,8 +6,9 @@
 #
 # - Environment: .venv-compat/<version>/ (git-ignored), created once and reused; torch==<version>
 #   (the default PyPI wheel: its CUDA is whatever that release ships by default) plus the test
-#   requirements pinned in requirements-dev.txt (setuptools: whatever that torch allows), and
-#   requirements-nodeps.txt (verl) without dependencies, as the main environment has them.
+#   requirements pinned in requirements-dev.txt (setuptools: the venv's own, 65.5 with Python
+#   3.11, unless that torch asks for another), and requirements-nodeps.txt (verl) without
+#   dependencies, as the main environment has them.
 #   pip runs with an empty constraint file (PIP_CONSTRAINT=/dev/null): a machine-wide pip
 #   constraint (e.g. one capping torch) must not decide which torch this checks.
 # - Build: the checkout's files (tracked + untracked, not ignored) are copied to <env>/src and
