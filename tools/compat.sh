@@ -10,7 +10,9 @@
 #   3.11, unless that torch asks for another), and requirements-nodeps.txt (verl) without
 #   dependencies, as the main environment has them.
 #   pip runs with an empty constraint file (PIP_CONSTRAINT=/dev/null): a machine-wide pip
-#   constraint (e.g. one capping torch) must not decide which torch this checks.
+#   constraint (e.g. one capping torch) must not decide which torch this checks; and without its
+#   cache (PIP_NO_CACHE_DIR): a CUDA torch is ~3 GB of wheels that a cache would keep a second
+#   copy of, beside the ~6 GB installed - a CI machine once ran out of disk here.
 # - Build: the checkout's files (tracked + untracked, not ignored) are copied to <env>/src and
 #   installed with `pip install --no-build-isolation --no-deps .` (no-deps: the env's torch must
 #   stay the one asked for). <env>/src/build/ is kept between runs, so a rebuild is incremental.
@@ -31,7 +33,7 @@ MODE="${COMPAT_TESTS:-subset}"
 case "$MODE" in subset|all) ;; *) echo "COMPAT_TESTS must be subset or all, not $MODE" >&2; exit 2;; esac
 ENV_DIR=".venv-compat/$VER"
 PY="$ENV_DIR/bin/python"
-export PIP_CONSTRAINT=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1
+export PIP_CONSTRAINT=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 export PATH="$PWD/$ENV_DIR/bin:$PATH"  # this env's ninja for torch's cpp_extension
 t0=$(date +%s)
 step() { echo "== compat $VER: $* ($(( $(date +%s) - t0 )) s)"; }
@@ -48,8 +50,10 @@ pins() { grep -vE '^\s*(#|$)' requirements-dev.txt | grep -viE '^(torch|setuptoo
 want="torch==$VER $(pins | tr '\n' ' ')|$(cat requirements-nodeps.txt | grep -vE '^\s*(#|$)' | tr '\n' ' ')"
 stamp="$ENV_DIR/.deps-$MODE"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  step "installing torch==$VER and the test requirements into $ENV_DIR"
-  "$PY" -m pip install -q "torch==$VER" setuptools $(pins)
+  free_gb() { df -Pk "$ENV_DIR" | awk 'NR==2 {printf "%.1f", $4 / 1048576}'; }
+  step "installing torch==$VER and the test requirements into $ENV_DIR ($(free_gb) GB free disk; a CUDA torch needs ~9)"
+  "$PY" -m pip install -q "torch==$VER" setuptools $(pins) || {
+    echo "== compat $VER: pip install failed with $(free_gb) GB free disk (log above)" >&2; exit 1; }
   "$PY" -m pip install -q --no-deps $(grep -vE '^\s*(#|$)' requirements-nodeps.txt)
   echo "$want" > "$stamp"
 fi
