@@ -37,6 +37,7 @@ export PIP_CONSTRAINT=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR
 export PATH="$PWD/$ENV_DIR/bin:$PATH"  # this env's ninja for torch's cpp_extension
 t0=$(date +%s)
 step() { echo "== compat $VER: $* ($(( $(date +%s) - t0 )) s)"; }
+free_gb() { df -Pk . | awk 'NR==2 {printf "%.1f", $4 / 1048576}'; }  # GB free under the checkout
 
 # --- environment ---------------------------------------------------------------------------
 if [ ! -x "$PY" ]; then
@@ -50,7 +51,6 @@ pins() { grep -vE '^\s*(#|$)' requirements-dev.txt | grep -viE '^(torch|setuptoo
 want="torch==$VER $(pins | tr '\n' ' ')|$(cat requirements-nodeps.txt | grep -vE '^\s*(#|$)' | tr '\n' ' ')"
 stamp="$ENV_DIR/.deps-$MODE"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  free_gb() { df -Pk "$ENV_DIR" | awk 'NR==2 {printf "%.1f", $4 / 1048576}'; }
   step "installing torch==$VER and the test requirements into $ENV_DIR ($(free_gb) GB free disk; a CUDA torch needs ~9)"
   "$PY" -m pip install -q "torch==$VER" setuptools $(pins) || {
     echo "== compat $VER: pip install failed with $(free_gb) GB free disk (log above)" >&2; exit 1; }
