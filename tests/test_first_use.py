@@ -139,6 +139,18 @@ def _tp_worker(rank, world_size):
     out = dtensor_topk_distill_loss(x, ids, lp, inplace_backward=True)
     out.loss.backward()
     errors["dtensor_ok"] = (out.loss.item(), td.topk_distill_loss(full, ids, lp).loss.item())
+    # The host-sync gather behind the TP checks returns only once gloo's worker thread has let go
+    # of the input (so a ValueError right after it cannot leave the thread freeing a Python-owned
+    # tensor during interpreter exit). Without the wait, 3-6% of such gathers return while the
+    # thread still holds it (measured); 300 gathers, each checked.
+    from topk_distill import parallel
+    still_held = 0
+    for i in range(300):
+        mine = torch.tensor([i, rank, 7, 8], dtype=torch.int64)
+        table = parallel._gather_host_table(mine, world_size, group.group_name)
+        still_held += mine._use_count() > 1
+        assert table == [[i, r, 7, 8] for r in range(world_size)], table
+    errors["host_table_still_held"] = still_held
     dist.barrier()
     return errors
 
@@ -157,6 +169,11 @@ def test_inplace_backward_refuses_a_leaf_under_tp_and_dtensor(tp_results):
                 rank, key, msg)
         got, want = errors["dtensor_ok"]
         assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_tp_host_table_gather_returns_after_gloo_lets_go(tp_results):
+    for rank, errors in enumerate(tp_results):
+        assert errors["host_table_still_held"] == 0, (rank, errors["host_table_still_held"])
 
 
 # ----------------------------------------------------------------------------- 2. import cost

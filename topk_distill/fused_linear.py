@@ -170,8 +170,7 @@ def _agree_on_chunk_size(group_name: str, requested: Optional[int], local_auto: 
     world = dist.get_world_size(parallel._resolve(group_name))
     mine = torch.tensor([-1 if requested is None else requested, local_auto], dtype=torch.int64,
                         device=device)
-    out = torch.ops._c10d_functional.all_gather_into_tensor(mine, world, group_name)
-    table = torch.ops._c10d_functional.wait_tensor(out).view(world, 2).tolist()
+    table = parallel._gather_host_table(mine, world, group_name)
     req = [r[0] for r in table]
     if len(set(req)) != 1:
         raise ValueError(f"chunk_size must be the same on every rank of tp_group (None "

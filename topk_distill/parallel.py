@@ -103,6 +103,30 @@ def _all_gather(t: Tensor, world_size: int, group_name: str) -> Tensor:
     return torch.ops._c10d_functional.wait_tensor(out)
 
 
+def _gather_host_table(mine: Tensor, world_size: int, group_name: str) -> list:
+    """All-gather a small 1-D int64 tensor and return it as ``world_size`` rows of Python ints
+    (the host sync of the layout and chunk-size checks, after which errors may be raised).
+
+    Before returning it waits until the collective's work has let go of ``mine`` and its output:
+    gloo completes a work before its worker thread drops it, and for ~0.1 ms (3-6% of calls,
+    measured on the 2-core machine) that thread still co-owns both tensors. If our Python objects
+    died first, the thread would free them later and take the GIL to do it - and when "later" is
+    during interpreter exit (a ValueError raised right after this gather ends the script), the
+    process aborts: ``terminate called without an active exception`` (pytorch/pytorch#190489,
+    docs/TP.md "Teardown"). Bounded (1 s), so a backend that holds its tensors longer only costs
+    that; CPU tensors only - NCCL's watchdog releases CUDA ones on its own schedule."""
+    import time
+
+    out = torch.ops._c10d_functional.all_gather_into_tensor(mine, world_size, group_name)
+    out = torch.ops._c10d_functional.wait_tensor(out)
+    table = out.view(world_size, -1).tolist()
+    if mine.device.type == "cpu":
+        deadline = time.monotonic() + 1.0
+        while (mine._use_count() > 1 or out._use_count() > 1) and time.monotonic() < deadline:
+            time.sleep(0)
+    return table
+
+
 def _collective_device(pg: "dist.ProcessGroup", device) -> torch.device:
     """Where the small layout tensor lives: the logits' device when given (the group must
     support it anyway for the loss's own collectives), else CUDA for NCCL groups, else CPU."""
@@ -162,8 +186,7 @@ def _gather_layout(group_name: str, n: int, k: int, v_local: int, start: int,
     mine = torch.tensor([n, k, v_local, start], dtype=torch.int64, device=coll_device)
     if data is not None:
         mine = torch.cat([mine, data.to(device=coll_device, dtype=torch.int64)])
-    width = mine.numel()
-    table = _all_gather(mine, world, group_name).view(world, width).tolist()  # the host sync
+    table = _gather_host_table(mine, world, group_name)  # the host sync
     layout = _layout_from_table([row[:4] for row in table], rank)
     if data is not None:
         for r, row in enumerate(table):
